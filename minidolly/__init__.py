@@ -1,0 +1,22 @@
+"""minidolly: Databricks' Dolly 2.0 (GPT-NeoX / Pythia) from scratch in PyTorch.
+
+    from minidolly import load_model, load_tokenizer
+    model = load_model("databricks/dolly-v2-3b")  # or a local checkpoint directory
+"""
+
+from .checkpoint import CheckpointError, DownloadError, load_model, save_model
+from .config import ModelConfig
+from .model import GPTNeoX, KVCache
+from .tokenizer import Tokenizer, load_tokenizer
+
+__all__ = [
+    "CheckpointError",
+    "DownloadError",
+    "GPTNeoX",
+    "KVCache",
+    "ModelConfig",
+    "Tokenizer",
+    "load_model",
+    "load_tokenizer",
+    "save_model",
+]

@@ -1,0 +1,275 @@
+"""GPT-NeoX, the network behind EleutherAI's Pythia and Databricks' Dolly v2, in one file.
+
+Read it top to bottom; it follows the forward pass:
+
+    token ids ─ embed_in ─┬─ layer 0 ─ ... ─ layer L-1 ─ final_layer_norm ─ embed_out ─ logits
+                          │
+    one layer (parallel residual, as every Pythia uses):
+        x ──┬───────────────────────────────────────────────┐
+            ├─ input_layernorm ─ attention (rotary on q, k) ─┤
+            └─ post_attention_layernorm ─ mlp ──────────────(+)── x'
+
+Module and parameter names are Hugging Face's GPT-NeoX names (minus the `gpt_neox.` prefix),
+so a Pythia checkpoint lines up with this file key for key (minidolly/checkpoint.py).
+Shapes: B batch, T new tokens, S keys (cached + new), H heads, D head_dim, C hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+# ------------------------------------------------------------- rotary embedding
+# RoPE (Su et al. 2021) encodes position by rotating pairs of dims of q and k by an angle
+# proportional to the position; a dot product q·k then depends only on their distance.
+# GPT-NeoX rotates only the first `rotary_dim = head_dim * rotary_pct` dims of each head (25% in
+# Pythia) and pairs dim i with dim i + rotary_dim/2 ("rotate half"), not neighbours (GPT-J).
+
+
+def rotary_cos_sin(config: ModelConfig, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos and sin of each position's angles: (B, T) ids -> two (B, 1, T, rotary_dim) tensors."""
+    d = config.rotary_dim
+    # inverse frequencies 1 / base^(2i/d), i = 0 .. d/2-1, in fp32 as HF and GPT-NeoX do
+    inv_freq = 1.0 / (config.rotary_base ** (torch.arange(0, d, 2, device=position_ids.device, dtype=torch.float32) / d))
+    angles = position_ids[..., None].float() * inv_freq  # (B, T, d/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (B, T, d): dim i and i + d/2 share an angle
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dim: a 90° turn of each pair."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rotary_dim dims of x (B, H, T, D); the rest pass through unchanged."""
+    d = cos.shape[-1]
+    x_rot, x_pass = x[..., :d], x[..., d:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+# ------------------------------------------------------------------ attention
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention with one fused q/k/v projection."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        C = config.hidden_size
+        # One matmul makes q, k and v. Its 3C output rows are grouped per head as
+        # [head 0: q k v][head 1: q k v]..., i.e. (H, 3, D): Megatron's layout, kept by HF.
+        self.query_key_value = nn.Linear(C, 3 * C, bias=config.attention_bias)
+        self.dense = nn.Linear(C, C, bias=config.attention_bias)
+
+    def forward(self, x, cos, sin, mask, kv_cache=None, fused=False):
+        B, T, C = x.shape
+        H, D = self.config.num_heads, self.config.head_dim
+        qkv = self.query_key_value(x).view(B, T, H, 3 * D).transpose(1, 2)  # (B, H, T, 3D)
+        q, k, v = qkv.split(D, dim=-1)  # 3 x (B, H, T, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)  # (B, H, S, D): everything seen so far
+        if fused and mask is None and T > 1:
+            from kernels import flash_attention  # our Triton kernel (kernels/attention.py)
+            y = flash_attention(q, k, v, causal=True)
+        else:
+            # mask None: plain causal (or one new query, which may see every cached key)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, H, D) -> (B, T, C)
+        return self.dense(y)
+
+
+# ------------------------------------------------------------------------ MLP
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: C -> 4C, exact (erf) GELU, 4C -> C."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x):
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))
+
+
+# ---------------------------------------------------------------------- layer
+
+
+def layer_norm(ln: nn.LayerNorm, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    """ln(x), through our fused Triton kernel (kernels/layernorm.py) when `fused`."""
+    if fused:
+        from kernels import layer_norm as fused_layer_norm
+
+        return fused_layer_norm(x, ln.weight, ln.bias, ln.eps)
+    return ln(x)
+
+
+class Layer(nn.Module):
+    """One transformer block: pre-LayerNorm attention and MLP, added to the residual stream."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.use_parallel_residual = config.use_parallel_residual
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = Attention(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask=None, kv_cache=None, fused=False):
+        attn = self.attention(layer_norm(self.input_layernorm, x, fused), cos, sin, mask, kv_cache, fused)
+        if self.use_parallel_residual:
+            # GPT-J's parallel residual: attention and MLP read the same x, so on many GPUs
+            # their two matmul chains run without waiting on each other (one all-reduce in TP).
+            return x + attn + self.mlp(layer_norm(self.post_attention_layernorm, x, fused))
+        x = x + attn  # the classic sequential block
+        return x + self.mlp(layer_norm(self.post_attention_layernorm, x, fused))
+
+
+# ------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated once for a whole generation.
+
+    Per layer: k, v of shape (B, H, max_length, D). `length` tokens are filled; a forward with T
+    new tokens writes positions [length, length + T) and attends over [0, length + T).
+    Preallocating means no per-step concatenation (which would copy the cache every token).
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_length: int, device=None, dtype=None):
+        shape = (batch_size, config.num_heads, max_length, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.max_length = max_length
+        self.length = 0
+
+    def layer(self, i: int) -> "_LayerCache":
+        return _LayerCache(self, i)
+
+
+class _LayerCache:
+    def __init__(self, cache: KVCache, i: int):
+        self.cache, self.i = cache, i
+
+    def update(self, k, v):
+        start, end = self.cache.length, self.cache.length + k.shape[2]
+        if end > self.cache.max_length:
+            raise ValueError(f"KV cache holds {self.cache.max_length} tokens; {end} do not fit.")
+        ck, cv = self.cache.k[self.i], self.cache.v[self.i]
+        ck[:, :, start:end] = k
+        cv[:, :, start:end] = v
+        return ck[:, :, :end], cv[:, :, :end]  # (B, H, S, D)
+
+
+# ---------------------------------------------------------------------- model
+
+
+class GPTNeoX(nn.Module):
+    """The full causal language model.
+
+    `use_kernels`: True runs LayerNorm and causal attention through our Triton kernels
+    (kernels/), False through torch (F.layer_norm, SDPA), None (default) picks the kernels
+    on CUDA when Triton can run. It is the one switch; change it as an attribute any time.
+    """
+
+    def __init__(self, config: ModelConfig, use_kernels: bool | None = None):
+        super().__init__()
+        self.config = config
+        self.use_kernels = use_kernels
+        self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.embed_out.weight = self.embed_in.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """GPT-NeoX's initialisation, as Pythia was trained from (see docs/architecture.md):
+        every weight N(0, sqrt(2 / 5C)) ("small_init", Nguyen & Salazar 2019), except the two
+        projections that write into the residual stream, N(0, 2 / (L sqrt(C))) ("wang_init",
+        Wang 2021), so the stream's variance stays bounded as L layers add to it.
+        Biases 0, LayerNorm weights 1."""
+        C, L = self.config.hidden_size, self.config.num_layers
+        small, wang = math.sqrt(2 / (5 * C)), 2 / (L * math.sqrt(C))
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("final_layer_norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            elif name.endswith("attention.dense.weight") or name.endswith("dense_4h_to_h.weight"):
+                p.normal_(0.0, wang)
+            else:
+                p.normal_(0.0, small)
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        if self.use_kernels is None:
+            if not x.is_cuda:
+                return False
+            import kernels
+
+            return kernels.available()
+        return self.use_kernels
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+        """Logits for every position.
+
+        input_ids: (B, T) token ids.
+        attention_mask: optional (B, S) with 1 for real tokens and 0 for padding (left padding),
+            S = cached + new tokens, as Hugging Face takes it.
+        position_ids: optional (B, T); by default counted from the first real token of each row
+            (so a left-padded row gets the same positions as it would alone).
+        cache: optional KVCache; the new keys/values are appended and `cache.length` advances.
+        Returns logits (B, T, V).
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past : past + T]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        mask = build_attention_mask(attention_mask, T, past, input_ids.device)
+        fused = self._fused(input_ids) and cache is None
+
+        x = self.embed_in(input_ids)  # (B, T, C)
+        cos, sin = rotary_cos_sin(self.config, position_ids, x.dtype)  # (B, 1, T, rotary_dim)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache.layer(i) if cache is not None else None, fused)
+        if cache is not None:
+            cache.length += T
+        x = layer_norm(self.final_layer_norm, x, fused)
+        return self.embed_out(x)  # (B, T, V)
+
+
+def build_attention_mask(attention_mask, T: int, past: int, device):
+    """The boolean mask SDPA takes, (B, 1, T, S) with True = may attend, or None for plain causal.
+
+    Query i (absolute position past + i) sees key j when j <= past + i and key j is not padding.
+    A query always sees itself, so a padding row is never fully masked (that would give NaN);
+    padding rows' outputs are garbage that nothing downstream reads.
+    """
+    if attention_mask is None:
+        return None if past == 0 or T == 1 else _causal(T, past, device)[None, None]
+    S = past + T
+    q_pos = torch.arange(past, S, device=device)[:, None]  # (T, 1) absolute query positions
+    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    allowed = (k_pos <= q_pos) & attention_mask[:, None, :S].bool()  # (B, T, S)
+    allowed |= k_pos == q_pos
+    return allowed[:, None]  # (B, 1, T, S)
+
+
+def _causal(T: int, past: int, device) -> torch.Tensor:
+    """(T, S) lower-triangular mask, shifted right by `past` cached keys."""
+    return torch.arange(past + T, device=device)[None, :] <= torch.arange(past, past + T, device=device)[:, None]

@@ -1,0 +1,136 @@
+"""The model computes what transformers' GPTNeoXForCausalLM computes, and the presets are Pythia's."""
+
+import pytest
+import torch
+
+from conftest import PYTHIA_14M, PYTHIA_70M, make_hf_checkpoint
+from minidolly import GPTNeoX, KVCache, ModelConfig, load_model
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog. Pythia is a suite of models from EleutherAI.",
+    "Dolly 2.0 was instruction-tuned on 15,011 records written by Databricks employees.",
+    "Rotary embeddings rotate the first quarter of each head's dimensions; the rest pass through.",
+]
+
+CONFIGS = {
+    "pythia-14m": PYTHIA_14M,
+    "pythia-70m": PYTHIA_70M,
+    # not a Pythia: full rotary, another base, sequential residual, Dolly's 50280 vocabulary
+    "other": dict(PYTHIA_14M, rotary_pct=1.0, rotary_emb_base=500, use_parallel_residual=False, vocab_size=50280),
+}
+
+
+def text_batch(tokenizer):
+    ids = [tokenizer.encode(t) for t in TEXTS]
+    n = min(len(i) for i in ids)
+    return torch.tensor([i[:n] for i in ids])
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers(tmp_path, tokenizer, name):
+    hf = make_hf_checkpoint(tmp_path, seed=1, **CONFIGS[name])
+    model = load_model(tmp_path)
+    ids = text_batch(tokenizer)
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(ids).logits
+    assert ours.shape == (len(TEXTS), ids.shape[1], CONFIGS[name]["vocab_size"])
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_kv_cache_decode_equals_full_forward(ckpt_14m, tokenizer):
+    model = load_model(ckpt_14m[0])
+    ids = text_batch(tokenizer)
+    B, T = ids.shape
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(model.config, B, T)
+        steps = [model(ids[:, :7], cache=cache)]  # prefill 7 tokens, then one at a time
+        for t in range(7, T):
+            steps.append(model(ids[:, t : t + 1], cache=cache))
+    assert cache.length == T
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-4
+
+
+def test_left_padded_batch_equals_each_row_alone(ckpt_14m, tokenizer):
+    model = load_model(ckpt_14m[0])
+    rows = [tokenizer.encode(t) for t in TEXTS]
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    with torch.no_grad():
+        batched = model(ids, attention_mask=mask)
+        # and incrementally: prefill the padded batch, then decode one token with the mask
+        cache = KVCache(model.config, len(rows), T + 1)
+        model(ids, attention_mask=mask, cache=cache)
+        nxt = torch.tensor([[11], [12], [13]])
+        step = model(nxt, attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1), cache=cache)
+        for b, r in enumerate(rows):
+            alone = model(torch.tensor([r + [11 + b]]))
+            assert (batched[b, T - len(r) :] - alone[0, :-1]).abs().max().item() < 1e-4
+            assert (step[b, 0] - alone[0, -1]).abs().max().item() < 1e-4
+
+
+# Table 1 of the Pythia paper (arXiv:2304.01373); 14m and 31m from their HF model cards' totals.
+PAPER_PARAMS = {
+    "70m": 70_426_624,
+    "160m": 162_322_944,
+    "410m": 405_334_016,
+    "1b": 1_011_781_632,
+    "1.4b": 1_414_647_808,
+    "2.8b": 2_775_208_960,
+    "6.9b": 6_857_302_016,
+    "12b": 11_846_072_320,
+}
+
+
+@pytest.mark.parametrize("size", list(PAPER_PARAMS))
+def test_preset_parameter_counts_equal_the_paper(size):
+    config = ModelConfig.from_size(size)
+    with torch.device("meta"):
+        model = GPTNeoX(config)
+    assert sum(p.numel() for p in model.parameters()) == PAPER_PARAMS[size] == config.num_params()
+    assert next(model.parameters()).is_meta
+
+
+def test_preset_names_and_shapes():
+    assert ModelConfig.from_size("pythia-1.4b-deduped") == ModelConfig.from_size("1.4b")
+    assert ModelConfig.from_size("EleutherAI/pythia-70m").hidden_size == 512
+    assert ModelConfig.from_size("1b").head_dim == 256
+    assert ModelConfig.from_size("2.8b").head_dim == 80
+    assert ModelConfig.from_size("6.9b").vocab_size == 50432
+    assert ModelConfig.from_size("12b").vocab_size == 50688
+    dolly = ModelConfig.from_size("dolly-v2-7b")
+    assert dolly.vocab_size == 50280 and dolly.hidden_size == 4096
+    for s in ("14m", "31m"):
+        assert ModelConfig.from_size(s).num_layers == 6
+    with pytest.raises(ValueError, match="Unknown model size '13b'"):
+        ModelConfig.from_size("13b")
+
+
+def test_from_hf_reads_the_real_dolly_config(tmp_path):
+    from conftest import DOLLY_DIR
+
+    config = ModelConfig.from_hf(DOLLY_DIR / "config.json")
+    assert config == ModelConfig.from_size("dolly-v2-3b")
+    # the newer spelling (transformers >= 4.56 writes rope_parameters) reads the same
+    new = dict(model_type="gpt_neox", vocab_size=50280, hidden_size=2560, num_hidden_layers=32,
+               num_attention_heads=32, intermediate_size=10240,
+               rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
+    assert ModelConfig.from_hf(new) == config
+
+
+def test_from_hf_rejects_another_model_type(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 8}')
+    with pytest.raises(ValueError, match="model_type 'llama'.*only reads GPT-NeoX"):
+        ModelConfig.from_hf(tmp_path)
+
+
+def test_init_follows_gpt_neox():
+    config = ModelConfig(vocab_size=1000, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024)
+    torch.manual_seed(0)
+    m = GPTNeoX(config)
+    small, wang = (2 / (5 * 256)) ** 0.5, 2 / (4 * 256**0.5)
+    assert abs(m.layers[0].attention.query_key_value.weight.std().item() - small) < 0.05 * small
+    assert abs(m.layers[0].mlp.dense_4h_to_h.weight.std().item() - wang) < 0.05 * wang
+    assert abs(m.embed_in.weight.std().item() - small) < 0.05 * small
+    assert m.layers[1].input_layernorm.weight.eq(1).all() and m.layers[1].attention.dense.bias.eq(0).all()
