@@ -186,13 +186,17 @@ class GPTNeoX(nn.Module):
         super().__init__()
         self.config = config
         self.use_kernels = use_kernels
-        self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
+        # An uninitialised table (init_weights fills it): nn.Embedding's own normal_ init would
+        # cost seconds on the meta device, where loaders and FSDP build the model.
+        self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size,
+                                     _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.embed_out.weight = self.embed_in.weight
-        self.init_weights()
+        if not self.embed_in.weight.is_meta:  # on meta there is nothing to fill (load, FSDP)
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self):
@@ -222,8 +226,9 @@ class GPTNeoX(nn.Module):
             return kernels.available()
         return self.use_kernels
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
-        """Logits for every position.
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
+                last_only: bool = False):
+        """Logits for every position (or only the last).
 
         input_ids: (B, T) token ids.
         attention_mask: optional (B, S) with 1 for real tokens and 0 for padding (left padding),
@@ -231,7 +236,9 @@ class GPTNeoX(nn.Module):
         position_ids: optional (B, T); by default counted from the first real token of each row
             (so a left-padded row gets the same positions as it would alone).
         cache: optional KVCache; the new keys/values are appended and `cache.length` advances.
-        Returns logits (B, T, V).
+        last_only: unembed only the last position, as generation needs: in a prefill of T
+            tokens that skips (T-1) x V x C multiply-adds, often the largest matmul.
+        Returns logits (B, T, V), or (B, 1, V) with `last_only`.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -249,6 +256,8 @@ class GPTNeoX(nn.Module):
             x = layer(x, cos, sin, mask, cache.layer(i) if cache is not None else None, fused)
         if cache is not None:
             cache.length += T
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
         x = layer_norm(self.final_layer_norm, x, fused)
         return self.embed_out(x)  # (B, T, V)
 
