@@ -6,6 +6,7 @@
 
 from .checkpoint import CheckpointError, DownloadError, load_model, save_model
 from .config import ModelConfig
+from .generate import generate, stream
 from .model import GPTNeoX, KVCache
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -16,7 +17,9 @@ __all__ = [
     "KVCache",
     "ModelConfig",
     "Tokenizer",
+    "generate",
     "load_model",
     "load_tokenizer",
     "save_model",
+    "stream",
 ]

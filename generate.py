@@ -1,0 +1,225 @@
+"""Ask Dolly: python generate.py [--model SOURCE] [options] "INSTRUCTION"
+
+    python generate.py "Explain the difference between nuclear fission and fusion."
+    python generate.py --model ./my-checkpoint --temperature 0 --context "$(cat notes.txt)" "Summarize this."
+    python generate.py --interactive
+    python generate.py --input-file questions.jsonl --output-file answers.jsonl --batch-size 8
+
+stdout carries only the answers (streamed token by token unless --no-stream); loading
+messages, warnings and --verbose timings go to stderr. A user mistake prints one line on
+stderr and exits with status 2. All the work happens in minidolly/generate.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+
+class UsageError(Exception):
+    """A flag, file or instruction the user should fix; printed as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        raise UsageError(f"{message} (see --help).")
+
+
+def parse_args(argv):
+    p = Parser(description="Generate Dolly answers with minidolly.")
+    p.add_argument("instruction", nargs="?", help="the instruction to answer")
+    p.add_argument("--model", default="databricks/dolly-v2-3b",
+                   help="checkpoint directory or Hugging Face Hub id; the tokenizer comes from the same place")
+    p.add_argument("--context", default=None, help="optional input text (the prompt's 'Input:' section)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=0.92, help="1 = off")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--no-stream", action="store_true", help="print each answer only when it is complete")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (slow to start; pays over long runs, see docs/generation.md)")
+    p.add_argument("--interactive", action="store_true", help="answer one instruction per line until 'exit' or Ctrl-D")
+    p.add_argument("--input-file", help="jsonl with 'instruction' (and optional 'context') per line")
+    p.add_argument("--output-file", help="jsonl written with each input record plus 'response'")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --input-file")
+    p.add_argument("--verbose", action="store_true", help="timings on stderr")
+    args = p.parse_args(argv)
+
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")
+    if not args.temperature >= 0:
+        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}.")
+    if args.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0 (0 = off), got {args.top_k}.")
+    if not 0 < args.top_p <= 1:  # also catches NaN
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}.")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    modes = (args.instruction is not None) + args.interactive + (args.input_file is not None)
+    if modes != 1:
+        raise UsageError("Give exactly one of: an INSTRUCTION, --interactive, or --input-file.")
+    if args.instruction is not None and not args.instruction.strip():
+        raise UsageError("The instruction is empty; give the model something to answer.")
+    if (args.input_file is None) != (args.output_file is None):
+        raise UsageError("--input-file and --output-file go together.")
+    return args
+
+
+def read_records(path):
+    """The records of a jsonl file, each checked: a JSON object with a non-empty string
+    `instruction` and an optional string (or null) `context`. Raises UsageError naming the line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"Cannot read --input-file {path}: {e}.") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path} line {n} is not valid JSON ({e.msg}).") from None
+        if not isinstance(r, dict):
+            raise UsageError(f"{path} line {n} is not a JSON object.")
+        if not isinstance(r.get("instruction"), str) or not r["instruction"].strip():
+            raise UsageError(f"{path} line {n} has no non-empty string 'instruction'.")
+        if r.get("context") is not None and not isinstance(r["context"], str):
+            raise UsageError(f"{path} line {n}: 'context' must be a string or null.")
+        records.append(r)
+    if not records:
+        raise UsageError(f"--input-file {path} holds no records.")
+    return records
+
+
+def load(args):
+    """The model and tokenizer named by --model, on --device in --dtype."""
+    import torch
+
+    from minidolly import load_model, load_tokenizer
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu.")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    print(f"loading {args.model} ({dtype}, {device}) ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    try:
+        # A Hub id fails fastest in load_model (one request, no retries); a local directory
+        # fails fastest on a missing tokenizer.json, before gigabytes of weights are read.
+        if os.path.exists(os.path.expanduser(args.model)):
+            tokenizer = load_tokenizer(args.model)
+            model = load_model(args.model, dtype=getattr(torch, dtype), device=device)
+        else:
+            model = load_model(args.model, dtype=getattr(torch, dtype), device=device)
+            tokenizer = load_tokenizer(args.model)
+    except (OSError, ValueError) as e:  # missing path, offline Hub id, corrupt file
+        raise UsageError(f"Cannot load --model {args.model}: {e}") from None
+    print(f"loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+    return model, tokenizer
+
+
+def answer(model, tokenizer, args, instruction, context):
+    """Print one answer to stdout (streamed unless --no-stream) and timings with --verbose."""
+    from minidolly import generate, stream
+
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, seed=args.seed, compile=args.compile)
+    stats = {}
+    try:
+        if args.no_stream:
+            print(generate(model, tokenizer, instruction, context, stats=stats, **kwargs), flush=True)
+        else:
+            for piece in stream(model, tokenizer, instruction, context, stats=stats, **kwargs):
+                print(piece, end="", flush=True)
+            print(flush=True)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.verbose:
+        report(stats)
+
+
+def report(stats):
+    decode_rate = (stats["new_tokens"] - 1) / stats["decode_seconds"] if stats["decode_seconds"] > 0 else float("nan")
+    print(f"prompt tokens {stats['prompt_tokens']}, new tokens {stats['new_tokens']}, "
+          f"prefill {stats['prefill_seconds'] * 1e3:.0f} ms, decode {decode_rate:.1f} tokens/s", file=sys.stderr)
+
+
+def answer_file(model, tokenizer, args, records):
+    """Answer every record in batches of --batch-size; write --output-file as jsonl."""
+    from minidolly import generate
+
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, seed=args.seed, compile=args.compile)
+    try:
+        out = open(args.output_file, "w", encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"Cannot write --output-file {args.output_file}: {e}.") from None
+    with out:
+        for i in range(0, len(records), args.batch_size):
+            batch = records[i : i + args.batch_size]
+            stats = {}
+            try:
+                responses = generate(model, tokenizer, [r["instruction"] for r in batch],
+                                     [r.get("context") for r in batch], stats=stats, **kwargs)
+            except ValueError as e:
+                raise UsageError(f"{args.input_file} records {i + 1}-{i + len(batch)}: {e}") from None
+            for r, response in zip(batch, responses):
+                out.write(json.dumps({**r, "response": response}, ensure_ascii=False) + "\n")
+            out.flush()
+            print(f"{i + len(batch)}/{len(records)} answered", file=sys.stderr, flush=True)
+            if args.verbose:
+                report(stats)
+
+
+def interactive(model, tokenizer, args):
+    """A read-answer loop on stdin; 'exit' or end of input (Ctrl-D) leaves."""
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "exit":
+            print(file=sys.stderr)
+            return
+        if not line.strip():
+            continue
+        try:
+            answer(model, tokenizer, args, line.strip(), args.context)
+        except UsageError as e:  # one bad turn does not end the session
+            print(f"error: {e}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    # Warnings (a truncated prompt) as one stderr line, without the source line Python adds.
+    warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
+    try:
+        args = parse_args(argv)
+        records = read_records(args.input_file) if args.input_file else None
+        model, tokenizer = load(args)
+        if records is not None:
+            answer_file(model, tokenizer, args, records)
+        elif args.interactive:
+            interactive(model, tokenizer, args)
+        else:
+            answer(model, tokenizer, args, args.instruction, args.context)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,404 @@
+"""Generation: greedy output equals transformers' generate; stopping, sampling filters,
+streaming, prompt truncation and the command line behave as docs/generation.md says."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, TOKENIZER_JSON, make_hf_checkpoint
+from minidolly import GPTNeoX, ModelConfig, generate, load_model, save_model, stream
+from minidolly.generate import PromptTruncatedWarning, TextAssembler, encode_prompt, filter_logits, next_tokens
+from minidolly.prompt import format_prompt
+
+END, EOS = 50277, 0
+RANDOM = dict(initializer_range=0.15, vocab_size=50280)  # output depends on the prompt; Dolly's tokens exist
+PROMPTS = [
+    ("Explain gravity.", None),
+    ("Summarize the passage in one sentence.", "The Pythia suite holds sixteen models trained on the Pile in the same order."),
+    ("Résumé en français, s'il vous plaît: 日本語 と 中文 😀🎉", "Ünïcödé cöntext — “quotes” … ✓"),
+]
+HELLO = "Hello world!"
+EMOJI = "Hi 😀, 你好語!"  # 😀 and 語 are each split over two byte-level tokens
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: a second thread only adds barrier waits, which on a busy
+    2-core machine triple the file's runtime."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+@pytest.fixture(scope="module")
+def random_ckpt(tmp_path_factory):
+    """A random pythia-14m-shaped checkpoint, our model of it, and transformers' model of it."""
+    d = tmp_path_factory.mktemp("random")
+    hf = make_hf_checkpoint(d, seed=1, **RANDOM)
+    shutil.copy(TOKENIZER_JSON, d / "tokenizer.json")
+    return d, load_model(d), hf
+
+
+@pytest.fixture(scope="module")
+def end_biased_ckpt(tmp_path_factory):
+    """The random checkpoint with `### End`'s unembedding row doubled: greedy decoding of
+    PROMPTS now stops after 6, more than 32, and 23 tokens."""
+    d = tmp_path_factory.mktemp("end_biased")
+    hf = make_hf_checkpoint(d, seed=1, **RANDOM)
+    with torch.no_grad():
+        hf.get_output_embeddings().weight[END] *= 2
+    hf.save_pretrained(d)
+    return d, load_model(d), hf
+
+
+def chain_checkpoint(directory, tokenizer, text, max_position_embeddings=2048):
+    """A checkpoint whose greedy answer to any Dolly prompt is exactly `text`, then `### End`.
+
+    Every layer's two output projections are zero, so the final hidden state is the current
+    token's embedding, and the logits a function of the current token alone. Each embed_out
+    row of a chain token points along the final-normed embedding of its predecessor; the
+    prompt ends in "\\n", so the chain is "\\n" -> text's tokens -> `### End`.
+    """
+    chain = tokenizer.encode("\n") + tokenizer.encode(text) + [END]
+    assert len(set(chain)) == len(chain), "a repeated token would need two successors"
+    cfg = ModelConfig(vocab_size=50280, hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512,
+                      max_position_embeddings=max_position_embeddings)
+    torch.manual_seed(0)
+    model = GPTNeoX(cfg)
+    with torch.no_grad():
+        model.embed_in.weight.normal_()
+        for layer in model.layers:
+            for proj in (layer.attention.dense, layer.mlp.dense_4h_to_h):
+                proj.weight.zero_()
+                proj.bias.zero_()
+        model.embed_out.weight.zero_()
+        for a, b in zip(chain, chain[1:]):
+            h = F.layer_norm(model.embed_in.weight[a], (cfg.hidden_size,))
+            model.embed_out.weight[b] += h / h.norm()  # logit(b | a) = |h| ~ 11; others ~ 1
+    save_model(model, directory)
+    shutil.copy(TOKENIZER_JSON, pathlib.Path(directory) / "tokenizer.json")
+    return load_model(directory)
+
+
+@pytest.fixture(scope="module")
+def hello_ckpt(tmp_path_factory, tokenizer):
+    d = tmp_path_factory.mktemp("hello")
+    return d, chain_checkpoint(d, tokenizer, HELLO, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def emoji_ckpt(tmp_path_factory, tokenizer):
+    d = tmp_path_factory.mktemp("emoji")
+    return d, chain_checkpoint(d, tokenizer, EMOJI)
+
+
+def hf_greedy(hf, tokenizer, instruction, context, n):
+    """transformers' greedy answer, decoded as generate decodes; and how many tokens it made."""
+    ids = torch.tensor([tokenizer.encode(format_prompt(instruction, context))])
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=[END, EOS],
+                          max_new_tokens=n, pad_token_id=EOS)
+    new = out[0, ids.shape[1] :].tolist()
+    return tokenizer.decode(new).strip(), len(new)
+
+
+# ----------------------------------------------------------- greedy vs HF
+
+
+def test_last_only_logits_are_the_last_row(random_ckpt, tokenizer):
+    _, model, _ = random_ckpt
+    ids = torch.tensor([tokenizer.encode(format_prompt(*PROMPTS[1]))])
+    with torch.no_grad():
+        assert torch.allclose(model(ids, last_only=True), model(ids)[:, -1:], atol=1e-5)
+
+
+
+@pytest.mark.parametrize("instruction,context", PROMPTS, ids=["plain", "context", "non-ascii"])
+def test_greedy_matches_transformers(random_ckpt, tokenizer, instruction, context):
+    _, model, hf = random_ckpt
+    expected, n = hf_greedy(hf, tokenizer, instruction, context, 32)
+    assert n == 32  # no early stop: all 32 tokens are compared
+    stats = {}
+    assert generate(model, tokenizer, instruction, context, max_new_tokens=32, temperature=0, stats=stats) == expected
+    assert stats["new_tokens"] == 32 and stats["prompt_tokens"] == len(tokenizer.encode(format_prompt(instruction, context)))
+
+
+def test_batch_equals_each_prompt_alone_and_transformers(random_ckpt, tokenizer):
+    _, model, hf = random_ckpt
+    instructions, contexts = zip(*PROMPTS)  # three prompt lengths: left padding is exercised
+    answers = generate(model, tokenizer, list(instructions), list(contexts), max_new_tokens=24, temperature=0)
+    for (instruction, context), answer in zip(PROMPTS, answers):
+        assert answer == hf_greedy(hf, tokenizer, instruction, context, 24)[0]
+        assert answer == generate(model, tokenizer, instruction, context, max_new_tokens=24, temperature=0)
+
+
+def test_batch_rows_stop_independently(end_biased_ckpt, tokenizer):
+    _, model, hf = end_biased_ckpt
+    instructions, contexts = zip(*PROMPTS)
+    expected = [hf_greedy(hf, tokenizer, i, c, 32) for i, c in PROMPTS]
+    assert [n for _, n in expected] == [6, 32, 23]  # rows 0 and 2 end at `### End`, row 1 runs on
+    stats = {}
+    answers = generate(model, tokenizer, list(instructions), list(contexts), max_new_tokens=32, temperature=0, stats=stats)
+    assert answers == [text for text, _ in expected]
+    assert stats["new_tokens"] == 6 + 32 + 23  # a finished row contributes nothing more
+
+
+# --------------------------------------------------------------- stopping
+
+
+def test_stops_at_end_token(hello_ckpt, tokenizer):
+    d, model = hello_ckpt
+    stats = {}
+    assert generate(model, tokenizer, "Say hello.", max_new_tokens=40, temperature=0, stats=stats) == HELLO
+    assert stats["new_tokens"] == len(tokenizer.encode(HELLO)) + 1  # stopped in the loop, at `### End`
+    from transformers import GPTNeoXForCausalLM
+
+    assert hf_greedy(GPTNeoXForCausalLM.from_pretrained(d), tokenizer, "Say hello.", None, 40)[0] == HELLO
+    # max_new_tokens cuts before `### End` is reached
+    assert generate(model, tokenizer, "Say hello.", max_new_tokens=2, temperature=0) == "Hello world"
+
+
+def test_batch_all_stopping_ends_the_loop(hello_ckpt, tokenizer):
+    _, model = hello_ckpt
+    stats = {}
+    answers = generate(model, tokenizer, ["Say hello.", "Greet the whole wide world, please."], max_new_tokens=30,
+                       temperature=0, stats=stats)
+    assert answers == [HELLO, HELLO]
+    assert stats["new_tokens"] == 2 * 4
+
+
+# --------------------------------------------------------------- sampling
+
+
+def probs_after(logits, **kw):
+    return filter_logits(torch.tensor([logits]).log(), **kw).softmax(-1)[0]
+
+
+def test_top_k_and_top_p_against_hand_computed_distributions():
+    p = [0.5, 0.3, 0.15, 0.05]
+    close = lambda a, b: torch.allclose(a, torch.tensor(b, dtype=torch.float), atol=1e-6)  # noqa: E731
+    assert close(probs_after(p), p)
+    assert close(probs_after(p, top_k=2), [0.625, 0.375, 0, 0])
+    assert close(probs_after(p, top_k=1), [1, 0, 0, 0])
+    assert close(probs_after(p, top_p=0.7), [0.625, 0.375, 0, 0])  # 0.5 < 0.7 <= 0.5 + 0.3
+    assert close(probs_after(p, top_p=0.9), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0])
+    assert close(probs_after(p, top_p=0.3), [1, 0, 0, 0])  # the most likely token always stays
+    # top-p acts on the top-k-renormalised distribution: 0.526, 0.316 | 0.158
+    assert close(probs_after(p, top_k=3, top_p=0.8), [0.625, 0.375, 0, 0])
+
+
+def test_filters_match_transformers_warpers():
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 1000) * 3
+    ids = torch.zeros(4, 1, dtype=torch.long)
+    for k, p in [(0, 0.92), (50, 1.0), (50, 0.5), (7, 0.99)]:
+        theirs = logits
+        if k:
+            theirs = TopKLogitsWarper(k)(ids, theirs)
+        if p < 1:
+            theirs = TopPLogitsWarper(p)(ids, theirs)
+        assert torch.equal(filter_logits(logits, k, p).isinf(), theirs.isinf())
+
+
+def test_temperature_scales_the_sampled_distribution():
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = p.log().expand(40000, 4)
+    torch.manual_seed(0)
+    draws = next_tokens(logits, temperature=2.0, top_k=0, top_p=1.0)
+    expected = p.sqrt() / p.sqrt().sum()  # softmax(log p / 2)
+    assert torch.allclose(torch.bincount(draws, minlength=4) / 40000, expected, atol=0.01)
+    assert torch.equal(next_tokens(logits[:3], 0.0, 0, 1.0), torch.zeros(3, dtype=torch.long))  # greedy
+
+
+def test_seed_makes_sampling_reproducible(random_ckpt, tokenizer):
+    _, model, _ = random_ckpt
+    kw = dict(max_new_tokens=16, temperature=0.8, top_k=40, top_p=0.9)
+    a = generate(model, tokenizer, "Tell me a story.", seed=7, **kw)
+    assert a == generate(model, tokenizer, "Tell me a story.", seed=7, **kw)
+    assert a != generate(model, tokenizer, "Tell me a story.", seed=8, **kw)
+    # with a seed, each row of a batch samples exactly what it samples alone
+    batch = generate(model, tokenizer, ["Tell me a story.", "Explain gravity."], seed=7, **kw)
+    assert batch == [a, generate(model, tokenizer, "Explain gravity.", seed=7, **kw)]
+
+
+def test_temperature_zero_is_greedy(random_ckpt, tokenizer):
+    _, model, hf = random_ckpt
+    greedy = hf_greedy(hf, tokenizer, "Explain gravity.", None, 12)[0]
+    assert generate(model, tokenizer, "Explain gravity.", max_new_tokens=12, temperature=0, top_k=5, top_p=0.5, seed=3) == greedy
+
+
+@pytest.mark.parametrize("kw,word", [(dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"),
+                                     (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
+                                     (dict(max_new_tokens=0), "max_new_tokens")])
+def test_bad_arguments_raise_a_sentence(random_ckpt, tokenizer, kw, word):
+    _, model, _ = random_ckpt
+    with pytest.raises(ValueError, match=word):
+        generate(model, tokenizer, "Hi.", **kw)
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, tokenizer, "   ")
+
+
+# -------------------------------------------------------------- streaming
+
+
+def test_assembler_emits_whole_characters_and_strips(tokenizer):
+    for text in [EMOJI, "  \n" + EMOJI + " 🎉 日本語 ✓  \n\n", "🎉🎉 x", "a  b\n\nc  "]:
+        ids = tokenizer.encode(text)
+        assembler = TextAssembler(tokenizer)
+        pieces = [assembler.push(i) for i in ids] + [assembler.finish()]
+        assert not any("\ufffd" in p for p in pieces)
+        assert "".join(pieces) == tokenizer.decode(ids).strip() == text.strip()
+        assert sum(bool(p) for p in pieces) > 2  # it streamed, not one piece at the end
+    # a character left unfinished at the end comes out as generate would return it
+    ids = tokenizer.encode("ok 😀")[:-1]
+    assembler = TextAssembler(tokenizer)
+    assert "".join([assembler.push(i) for i in ids] + [assembler.finish()]) == tokenizer.decode(ids).strip()
+
+
+def test_stream_concatenates_to_generate_with_multibyte_characters(emoji_ckpt, tokenizer):
+    _, model = emoji_ckpt
+    pieces = list(stream(model, tokenizer, "Greet me.", max_new_tokens=30, temperature=0))
+    assert "".join(pieces) == generate(model, tokenizer, "Greet me.", max_new_tokens=30, temperature=0) == EMOJI
+    assert len(pieces) > 3 and not any("\ufffd" in p for p in pieces)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_stream_equals_generate_when_sampling(random_ckpt, tokenizer, seed):
+    _, model, _ = random_ckpt
+    kw = dict(max_new_tokens=24, temperature=1.0, top_p=0.92, seed=seed)
+    assert "".join(stream(model, tokenizer, "Write a haiku about 雨.", **kw)) == generate(
+        model, tokenizer, "Write a haiku about 雨.", **kw)
+
+
+# ------------------------------------------------------------- truncation
+
+
+def test_long_context_is_cut_from_the_left(tokenizer):
+    context = " ".join(f"word{i}" for i in range(300)) + " THE END"
+    ids, cut = encode_prompt(tokenizer, "Summarize.", context, 60)
+    assert cut and len(ids) <= 60
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    assert text.startswith(format_prompt("", None).split("\n")[0])  # the intro
+    assert "### Instruction:\nSummarize.\n\nInput:\n" in text and text.endswith("THE END\n\n### Response:\n")
+    assert "word0 " not in text
+    # without context, the instruction loses its start instead
+    ids, cut = encode_prompt(tokenizer, context, None, 60)
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    assert cut and len(ids) <= 60 and text.endswith("THE END\n\n### Response:\n") and "word0 " not in text
+    assert encode_prompt(tokenizer, "Short.", "short", 60)[1] is False
+
+
+def test_generate_warns_and_still_answers_when_the_prompt_is_too_long(hello_ckpt, tokenizer):
+    _, model = hello_ckpt  # a 128-token context window
+    context = " ".join(f"word{i}" for i in range(100))
+    with pytest.warns(PromptTruncatedWarning, match="context"):
+        assert generate(model, tokenizer, "Summarize.", context, max_new_tokens=8, temperature=0) == HELLO
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, tokenizer, "Summarize.", context, max_new_tokens=110)  # the template needs 23 of 128
+
+
+# -------------------------------------------------------------------- CLI
+
+
+def cli(*args, stdin=None, env=None):
+    return subprocess.run([sys.executable, str(REPO / "generate.py"), *map(str, args)], input=stdin,
+                          capture_output=True, text=True, encoding="utf-8", timeout=120,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_cli_streams_the_answer(emoji_ckpt):
+    d, _ = emoji_ckpt
+    r = cli("--model", d, "--temperature", "0", "--verbose", "Explain the rainbow.")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == EMOJI + "\n"  # stdout is the answer alone
+    assert "tokens/s" in r.stderr and "prompt tokens" in r.stderr
+
+
+def test_cli_sampling_matches_the_library_and_no_stream(random_ckpt, tokenizer):
+    d, model, _ = random_ckpt
+    args = ["--model", d, "--seed", "5", "--max-new-tokens", "12", "--top-k", "50", "--context", "Some input."]
+    streamed, whole = cli(*args, "Tell me a joke."), cli(*args, "--no-stream", "Tell me a joke.")
+    expected = generate(model, tokenizer, "Tell me a joke.", "Some input.", max_new_tokens=12, top_k=50, seed=5)
+    assert streamed.returncode == whole.returncode == 0
+    assert streamed.stdout == whole.stdout == expected + "\n"
+
+
+def test_cli_input_file_and_interactive(hello_ckpt, tmp_path):
+    d, _ = hello_ckpt
+    records = [{"instruction": "Say hi.", "id": 1}, {"instruction": "Greet.", "context": "Be polite."},
+               {"instruction": "Once more.", "context": None}]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    r = cli("--model", d, "--temperature", "0", "--max-new-tokens", "20", "--input-file", src, "--output-file", dst,
+            "--batch-size", "2")
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line) for line in dst.read_text().splitlines()] == [{**x, "response": HELLO} for x in records]
+    r = cli("--model", d, "--temperature", "0", "--max-new-tokens", "20", "--interactive",
+            stdin="Say hi.\n\nAgain.\nexit\nNot read.\n")
+    assert r.returncode == 0 and r.stdout == f"{HELLO}\n{HELLO}\n"
+    assert cli("--model", d, "--interactive", stdin="").returncode == 0  # Ctrl-D leaves
+
+
+BAD = {
+    "missing model dir": (["--model", "/nonexistent/ckpt", "Hi."], "/nonexistent/ckpt"),
+    "offline hub id": (["--model", "minidolly-tests/no-such-model", "Hi."], "minidolly-tests/no-such-model"),
+    "empty instruction": (["--model", "{d}", "  "], "empty"),
+    "negative temperature": (["--temperature", "-1", "Hi."], "--temperature"),
+    "top-p zero": (["--top-p", "0", "Hi."], "--top-p"),
+    "top-p above one": (["--top-p", "1.5", "Hi."], "--top-p"),
+    "negative top-k": (["--top-k", "-1", "Hi."], "--top-k"),
+    "zero max-new-tokens": (["--max-new-tokens", "0", "Hi."], "--max-new-tokens"),
+    "non-numeric flag": (["--top-k", "many", "Hi."], "--top-k"),
+    "no instruction": (["--model", "{d}"], "INSTRUCTION"),
+    "missing input file": (["--model", "{d}", "--input-file", "{t}/nope.jsonl", "--output-file", "{t}/o.jsonl"], "nope.jsonl"),
+    "malformed input line": (["--model", "{d}", "--input-file", "{t}/bad.jsonl", "--output-file", "{t}/o.jsonl"], "line 2"),
+    "record without instruction": (["--model", "{d}", "--input-file", "{t}/noins.jsonl", "--output-file", "{t}/o.jsonl"], "line 1"),
+    "model dir without tokenizer": (["--model", "{t}/notok", "Hi."], "tokenizer.json"),
+    "too many new tokens": (["--model", "{d}", "--max-new-tokens", "110", "Hi."], "max_new_tokens"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_cli_bad_input_exits_2_with_one_line(hello_ckpt, tmp_path, case):
+    d, _ = hello_ckpt
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "ok"}\n{"instruction": oops}\n')
+    (tmp_path / "noins.jsonl").write_text('{"context": "no instruction"}\n')
+    (tmp_path / "notok").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(pathlib.Path(d) / name, tmp_path / "notok" / name)
+    args, needle = BAD[case]
+    r = cli(*[a.format(d=d, t=tmp_path) for a in args], env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    last = r.stderr.strip().splitlines()[-1]  # a loading message may come first
+    assert last.startswith("error: ") and needle in last
+
+
+def test_compile_failure_falls_back_to_eager(random_ckpt, tokenizer, monkeypatch):
+    import weakref
+
+    module = sys.modules["minidolly.generate"]  # the package's `generate` attribute is the function
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(module, "_compiled", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: broken)
+    _, model, _ = random_ckpt
+    eager = generate(model, tokenizer, "Explain gravity.", max_new_tokens=8, temperature=0)
+    with pytest.warns(RuntimeWarning, match="decoding eagerly"):
+        assert generate(model, tokenizer, "Explain gravity.", max_new_tokens=8, temperature=0, compile=True) == eager
