@@ -1,0 +1,232 @@
+"""The training loop against references we did not write: a 2-rank run against a 1-rank run,
+a killed-and-resumed run against an uninterrupted one, the saved model against transformers.
+
+A tiny GPT-NeoX (hidden 64, 2 layers, real 50304-row vocabulary) fine-tunes on the real
+Dolly records cut to 96 tokens, so every run takes seconds on a CPU.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import DOLLY_RECORDS, REPO, TOKENIZER_JSON, make_hf_checkpoint
+from safetensors.torch import load_file
+
+from minidolly import load_model, load_tokenizer
+from minidolly.config import ModelConfig
+from minidolly.train import TrainConfig, TrainingStopped, UsageError, dry_run, plan_memory, train
+
+spec = importlib.util.spec_from_file_location("train_cli", REPO / "train.py")
+cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cli)
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    make_hf_checkpoint(d, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
+    return str(d)
+
+
+def common(tiny, out, *extra):
+    # val 38 = 19 micro-batches of 2: with 2 ranks, rank 1 runs a dummy forward in evaluation
+    return ["--init", tiny, "--tokenizer", str(TOKENIZER_JSON), "--data", str(DOLLY_RECORDS), "--out", str(out),
+            "--max-length", "96", "--val-size", "38", "--global-batch-size", "8", "--micro-batch-size", "2",
+            "--log-every", "1", "--lr", "1e-3", "--warmup-steps", "2", "--eval-every", "0",
+            "--max-steps", str(STEPS), *extra]
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(out):
+    return {r["step"]: r["loss"] for r in metrics(out) if "loss" in r}
+
+
+def final_weights(out):
+    return load_file(os.path.join(out, "final", "model.safetensors"))
+
+
+def exit_code(argv):
+    try:
+        return cli.main(argv)
+    except SystemExit as e:  # argparse's own errors
+        return e.code
+
+
+def run_cli(*args, env_extra=None, torchrun=False):
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun \
+        else [sys.executable]
+    return subprocess.run([*launcher, str(REPO / "train.py"), *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, tmp_path_factory):
+    """An uninterrupted 1-rank run, checkpointing every 2 steps."""
+    out = tmp_path_factory.mktemp("reference")
+    summary = train(cli.parse_args(common(tiny, out, "--save-every", "2")))
+    assert summary["steps"] == STEPS
+    return str(out)
+
+
+def test_two_ranks_take_the_same_steps_as_one(tiny, reference, tmp_path):
+    # checkpointing activations changes the memory, never the numbers
+    r = run_cli(*common(tiny, tmp_path, "--activation-checkpointing"), torchrun=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = losses(reference), losses(tmp_path)
+    assert sorted(two) == list(range(1, STEPS + 1))
+    for step in one:
+        assert abs(two[step] - one[step]) <= 1e-5 * abs(one[step]), (step, one[step], two[step])
+    assert one[1] != one[STEPS]  # the steps did change the weights
+    val = lambda out: [r["val_loss"] for r in metrics(out) if "val_loss" in r]  # noqa: E731
+    torch.testing.assert_close(val(tmp_path), val(reference), rtol=1e-5, atol=0)
+    a, b = final_weights(reference), final_weights(tmp_path)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4, msg=k)
+
+
+def test_killed_run_resumes_exactly(tiny, reference, tmp_path):
+    r = run_cli(*common(tiny, tmp_path, "--save-every", "2", "--stop-after-step", "3"))
+    assert r.returncode == 3, r.stderr[-3000:]  # died after step 3, one step past its last checkpoint
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["step-00000002"]
+    (ckpts / "step-00000003.tmp").mkdir()  # what a crash in the middle of a save leaves behind
+    assert losses(tmp_path)[3] == losses(reference)[3]
+
+    summary = train(cli.parse_args(common(tiny, tmp_path, "--save-every", "2", "--resume")))
+    assert summary["steps"] == STEPS
+    assert losses(tmp_path) == losses(reference)  # bit for bit
+    steps = [r["step"] for r in metrics(tmp_path) if "loss" in r]
+    assert steps == sorted(set(steps)), "the rerun steps replace their first rows"
+    a, b = final_weights(reference), final_weights(tmp_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetuning_lowers_validation_loss_and_saves_a_hf_model(tiny, tmp_path):
+    from transformers import GPTNeoXForCausalLM
+
+    args = common(tiny, tmp_path, "--eval-every", "10", "--max-steps", "20", "--lr", "3e-3")
+    summary = train(cli.parse_args(args))
+    val = [r["val_loss"] for r in metrics(tmp_path) if "val_loss" in r]
+    assert [r["step"] for r in metrics(tmp_path) if "val_loss" in r] == [0, 10, 20]
+    assert val[-1] < val[0] - 2.0, val
+    assert summary["val_loss"] == val[-1]
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "loss.png").stat().st_size > 0
+
+    final = summary["final"]
+    hf = GPTNeoXForCausalLM.from_pretrained(final).eval()
+    ours = load_model(final)
+    ids = torch.tensor([load_tokenizer(final).encode("### Instruction:\nName a primary colour.\n\n### Response:\n")])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+    assert load_tokenizer(final).end_id == 50277
+
+
+def test_scratch_init_is_gpt_neox_init_seeded(tmp_path):
+    from minidolly.model import GPTNeoX
+
+    # lr 1e-30: one step leaves the weights as they started, so final/ shows the init
+    summary = train(cli.parse_args([
+        "--size", "14m", "--init", "scratch", "--tokenizer", str(TOKENIZER_JSON), "--data", str(DOLLY_RECORDS),
+        "--out", str(tmp_path), "--max-length", "96", "--val-size", "0", "--global-batch-size", "2",
+        "--micro-batch-size", "2", "--max-steps", "1", "--lr", "1e-30", "--seed", "7"]))
+    assert summary["val_loss"] is None
+    torch.manual_seed(7)
+    expected = GPTNeoX(ModelConfig.from_size("14m")).state_dict()
+    got = load_model(summary["final"]).state_dict()
+    assert got.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_dry_run_plans_12b_on_eight_ranks():
+    r = run_cli("--size", "12b", "--dry-run", "--world-size", "8")
+    assert r.returncode == 0, r.stderr
+    assert "Memory plan" in r.stdout and "N = 8 rank(s)" in r.stdout and "AdamW" in r.stdout
+
+    config = ModelConfig.from_size("12b")
+    plan = dry_run(TrainConfig(size="12b", dry_run=True, world_size=8, device_memory=80, activation_checkpointing=True))
+    assert plan.rows[0][2] == 4 * config.num_params() // 8  # fp32 parameter shards
+    assert plan.fits, str(plan)
+    no_shard = dry_run(TrainConfig(size="12b", dry_run=True, world_size=1, device_memory=80))
+    assert not no_shard.fits and "DOES NOT FIT" in str(no_shard)
+
+
+def test_a_run_that_cannot_fit_stops_with_the_plan(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("minidolly.train._host_memory", lambda: 2**26)  # 64 MiB of RAM
+    with pytest.raises(UsageError, match="does not fit"):
+        train(cli.parse_args(common(tiny, tmp_path)))
+    assert "DOES NOT FIT" in capsys.readouterr().out
+    assert not (tmp_path / "final").exists()
+
+
+def test_nan_loss_stops_at_the_step_and_keeps_the_checkpoint(tiny, tmp_path, capsys):
+    args = common(tiny, tmp_path, "--save-every", "1", "--lr", "1e30")  # the last --lr wins
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    last = err.splitlines()[-1]
+    assert last.startswith("stopped:") and "at step 2" in last and "step-00000001" in last, err
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-00000001"]
+    assert (tmp_path / "checkpoints" / "step-00000001" / ".metadata").exists()
+    with pytest.raises(TrainingStopped, match="at step 2"):  # the library raises it for programs that call it
+        train(cli.parse_args(common(tiny, tmp_path / "again", "--lr", "1e30")))
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--size", "7b"], "--size"),
+    (["--size", "14m", "--lr", "-1"], "--lr"),
+    (["--size", "14m", "--micro-batch-size", "0"], "--micro-batch-size"),
+    (["--size", "14m", "--world-size", "8"], "--dry-run"),
+    (["--size", "14m", "--schedule", "steep"], "--schedule"),
+    (["--size", "14m", "--init", "scratch", "--data", "/no/such.jsonl"], "--tokenizer"),  # the Hub is offline
+])
+def test_bad_flags_exit_2_with_one_line(argv, words, capsys, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # fail at once, not after timeouts
+    assert exit_code(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err, err
+
+
+def test_bad_inputs_exit_2_with_one_line(tiny, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    good = open(DOLLY_RECORDS).readline()
+    bad.write_text(good + '{"instruction": "hi", "context": ""}\n')
+    cases = [
+        (common(tiny, tmp_path / "a", "--data", str(tmp_path / "missing.jsonl")), "missing.jsonl"),
+        (common(tiny, tmp_path / "b", "--data", str(bad)), "line 2"),
+        (common(tiny, tmp_path / "c", "--global-batch-size", "7"), "--global-batch-size"),
+        (common(tiny, tmp_path / "d", "--resume"), "--resume"),
+        (common(tiny, tmp_path / "e", "--tokenizer", tiny), "tokenizer"),
+    ]
+    for argv, words in cases:
+        assert cli.main(argv) == 2, argv
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("error:") and words in last, last
+
+    # and for real, in a fresh process: exactly one line, no traceback
+    r = run_cli(*common(tiny, tmp_path / "f", "--data", str(tmp_path / "missing.jsonl")))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_plan_arithmetic():
+    config = ModelConfig.from_size("70m")
+    cfg = TrainConfig(size="70m", micro_batch_size=2, max_length=512, global_batch_size=2, precision="fp32")
+    plan = {what: nbytes for what, _, nbytes, _ in plan_memory(config, cfg, world_size=2).rows}
+    P = config.num_params()
+    assert plan["parameters (fp32 shards)"] == 4 * P // 2
+    assert plan["AdamW exp_avg + exp_avg_sq (fp32 shards)"] == 8 * P // 2
+    assert plan["activations, layers"] == 18 * 4 * (2 * 512) * 512 * 6
+    assert plan["activations, logits + loss"] == (2 * 512) * 50304 * (4 + 8)
