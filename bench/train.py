@@ -60,6 +60,17 @@ def bench(size: str, batch: int, seq: int, steps: int) -> dict:
 
     ours = GPTNeoX(config)
     state = {k: v.clone() for k, v in ours.state_dict().items()}
+    # The same model without FSDP: separates what the model costs from what a one-rank
+    # FSDP group adds (the loop keeps FSDP so one process runs the N-rank code path).
+    bare = GPTNeoX(config)
+    bare.load_state_dict(state)
+    bare_opt, _ = build_optimizer(bare, TrainConfig(lr=1e-5, warmup_steps=0), total_steps=100)
+
+    def bare_step():
+        (loss_sum(bare, data, torch.device("cpu")) / (batch * (seq - 1))).backward()
+        bare_opt.step()
+        bare_opt.zero_grad(set_to_none=True)
+
     apply_fsdp(ours)
     opt, _ = build_optimizer(ours, TrainConfig(lr=1e-5, warmup_steps=0), total_steps=100)  # the loop's own
 
@@ -79,11 +90,11 @@ def bench(size: str, batch: int, seq: int, steps: int) -> dict:
         hf_opt.zero_grad(set_to_none=True)
 
     n = 2048
-    t = time_interleaved({"ours": our_step, "hf": hf_step, "matmul": matmul(n)}, steps)
+    t = time_interleaved({"ours": our_step, "bare": bare_step, "hf": hf_step, "matmul": matmul(n)}, steps)
     n_matmul = config.num_params() - config.vocab_size * config.hidden_size
     tokens = batch * seq
     flops = 6 * n_matmul * tokens + 12 * config.num_layers * seq * config.hidden_size * tokens
-    return {"size": size, "tokens": tokens, "ours": t["ours"], "hf": t["hf"], "flops": flops, "peak": 2 * n**3 / t["matmul"]}
+    return {"size": size, "tokens": tokens, "ours": t["ours"], "bare": t["bare"], "hf": t["hf"], "flops": flops, "peak": 2 * n**3 / t["matmul"]}
 
 
 def main():
@@ -97,11 +108,11 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch {args.batch} x seq {args.seq}, "
           f"median of {args.steps} interleaved steps")
     print(f"{'shape':<8}{'minidolly tok/s':>17}{'transformers tok/s':>20}{'ratio':>8}"
-          f"{'matmul GFLOP/s':>16}{'MFU ours':>10}{'MFU hf':>8}")
+          f"{'no-FSDP tok/s':>15}{'ratio':>8}{'matmul GFLOP/s':>16}{'MFU ours':>10}{'MFU hf':>8}")
     for size in args.sizes:
         r = bench(size, args.batch, args.seq, args.steps)
-        ours, hf = r["tokens"] / r["ours"], r["tokens"] / r["hf"]
-        print(f"{size:<8}{ours:>17,.0f}{hf:>20,.0f}{ours / hf:>7.2f}x{r['peak'] / 1e9:>16.1f}"
+        ours, bare, hf = r["tokens"] / r["ours"], r["tokens"] / r["bare"], r["tokens"] / r["hf"]
+        print(f"{size:<8}{ours:>17,.0f}{hf:>20,.0f}{ours / hf:>7.2f}x{bare:>15,.0f}{bare / hf:>7.2f}x{r['peak'] / 1e9:>16.1f}"
               f"{r['flops'] / r['ours'] / r['peak']:>10.0%}{r['flops'] / r['hf'] / r['peak']:>8.0%}")
 
 
