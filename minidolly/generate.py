@@ -181,7 +181,7 @@ def decode(model: GPTNeoX, prompts: list[list[int]], *, max_new_tokens: int, tem
     ids = ids.to(device)
     mask = None
     if any(len(p) != P for p in prompts):
-        # 1 = real token. New tokens are all real (a stopped row's padding is never read), so
+        # 1 = real token. New tokens are all real (a stopped row's tokens are never read), so
         # the mask is built once for the whole generation and sliced to the cached length.
         mask = torch.ones(B, P + max_new_tokens, dtype=torch.long)
         for row, p in enumerate(prompts):
@@ -191,23 +191,24 @@ def decode(model: GPTNeoX, prompts: list[list[int]], *, max_new_tokens: int, tem
     generators = None
     if seed is not None and temperature > 0:
         generators = [torch.Generator(device=device).manual_seed(seed) for _ in range(B)]
-    stop_ids = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stop_ids = set(stop_ids)
+    done = [False] * B  # on the host: the stop test needs no device work and no second sync
     step_fn = decode_step(model, compile)
 
     start = time.perf_counter()
     logits = model(ids, attention_mask=None if mask is None else mask[:, :P], cache=cache, last_only=True)
     new_tokens, prefill_seconds = 0, None
     for step in range(max_new_tokens):
-        token = next_tokens(logits[:, -1], temperature, top_k, top_p, generators).masked_fill(done, pad_id)
-        tokens, was_done = token.tolist(), done.tolist()  # the one host sync per step
+        token = next_tokens(logits[:, -1], temperature, top_k, top_p, generators)
+        tokens = token.tolist()  # the one host sync per step
         if prefill_seconds is None:
             prefill_seconds = time.perf_counter() - start
-        done = done | torch.isin(token, stop_ids)
-        new_tokens += B - sum(was_done)
-        yield [None if d else t for t, d in zip(tokens, was_done)]
-        if step == max_new_tokens - 1 or bool(done.all()):
+        new_tokens += done.count(False)
+        yield [None if d else t for t, d in zip(tokens, done)]
+        done = [d or t in stop_ids for t, d in zip(tokens, done)]
+        if step == max_new_tokens - 1 or all(done):
             break
+        # A stopped row keeps decoding whatever it drew; its outputs are never read.
         logits = step_fn(token[:, None], attention_mask=None if mask is None else mask[:, : cache.length + 1], cache=cache)
     if stats is not None:
         stats.update(prompt_tokens=sum(len(p) for p in prompts), new_tokens=new_tokens,
