@@ -3,19 +3,29 @@
     python bench/train.py                       # pythia-70m and 160m shapes, seq 512, CPU fp32
     python bench/train.py --sizes 70m --batch 2 --steps 3
 
-One step = forward + backward + AdamW on one batch of random tokens, single process, fp32.
-"minidolly" is the training loop's own step (minidolly.train.loss_sum, sharded by FSDP2
-over a one-rank group, exactly as train.py runs it); "transformers" is GPTNeoXForCausalLM
-with the same weights, computing its loss from `labels=`. FLOPs per step are
-6·N·tokens + 12·L·T·C·tokens (N: parameters that do matmuls, i.e. all but embed_in;
-the second term is attention's QK^T and AV, forward and backward), and MFU is achieved
-FLOP/s over the speed of a 2048³ fp32 matmul. The three are timed interleaved (ours, theirs,
-matmul, ours, ...) and each reported as its median, so a busy machine slows all alike.
+One step = forward + backward + AdamW on one (batch, seq) micro-batch, single process, fp32.
+"minidolly" is the training loop's own step: `minidolly.train.loss_sum` on the model as the
+loop wraps it (`needs_fsdp` decides: no FSDP for one fp32 rank) with the loop's optimizer;
+"transformers" is GPTNeoXForCausalLM with the same weights, computing its loss from
+`labels=`, with fused AdamW (the HF Trainer's adamw_torch_fused). Two workloads:
+
+- dolly: real databricks-dolly-15k records (../shared/data, or --data), tokenized and labelled
+  exactly as train.py does (prompt tokens are -100), packed end to end into rows of seq
+  tokens: the mix of prompt and response tokens of the real data (about 47% are targets);
+- all-target: random tokens, every position a target (the least our loop can skip).
+
+FLOPs per step count the work the step needs: 6·N·tokens for the layers (N: their matmul
+parameters), 6·V·C per target token for the unembedding, and 12·L·T·C·tokens for attention's
+QK^T and AV, forward and backward. MFU is that over the speed of a 2048³ fp32 matmul, for
+both models (transformers unembeds every position, so it does more than this count). The
+three are timed interleaved (ours, theirs, matmul, ours, ...), so a busy machine slows all
+alike; the dolly workload is --steps different micro-batches, each timed once per model.
 """
 
 import argparse
+import itertools
 import os
-import statistics
+import random
 import sys
 import time
 
@@ -25,8 +35,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minidolly.config import ModelConfig  # noqa: E402
 from minidolly.model import GPTNeoX  # noqa: E402
-from minidolly.parallel import apply_fsdp, init_distributed  # noqa: E402
+from minidolly.data import IGNORE_INDEX, load_records, tokenize_records  # noqa: E402
+from minidolly.parallel import apply_fsdp, init_distributed, needs_fsdp  # noqa: E402
+from minidolly.tokenizer import load_tokenizer  # noqa: E402
 from minidolly.train import TrainConfig, build_optimizer, loss_sum  # noqa: E402
+
+SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 
 
 def matmul(n: int = 2048):
@@ -36,46 +50,54 @@ def matmul(n: int = 2048):
 
 
 def time_interleaved(steps: dict, repeats: int) -> dict:
-    """Median seconds per call of each function, after two warm-up calls each. The calls
-    alternate (a, b, a, b, ...) so that load from elsewhere on the machine hits both alike."""
+    """Mean seconds per call of each function over `repeats` calls, after two warm-up calls
+    each. The calls alternate (a, b, a, b, ...) so that load from elsewhere on the machine
+    hits all alike."""
     for step in steps.values():
         step()
         step()
-    times = {name: [] for name in steps}
+    times = {name: 0.0 for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
             t = time.perf_counter()
             step()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            times[name] += time.perf_counter() - t
+    return {name: total / repeats for name, total in times.items()}
 
 
-def bench(size: str, batch: int, seq: int, steps: int) -> dict:
+def dolly_batches(path: str, tokenizer_path: str, count: int, batch: int, seq: int) -> list[dict]:
+    """`count` micro-batches of (batch, seq) input_ids and labels: the records' examples as
+    train.py makes them, in a seeded shuffle, concatenated and cut into rows (packing keeps
+    the shape fixed and the prompt/response mix that of the data)."""
+    records, _ = load_records(path)
+    examples, _ = tokenize_records(records, load_tokenizer(tokenizer_path), max_length=seq)
+    random.Random(0).shuffle(examples)
+    ids = torch.tensor([t for e in examples for t in e.input_ids])
+    labels = torch.tensor([t for e in examples for t in e.labels])
+    n = count * batch * seq
+    if len(ids) < n:
+        raise SystemExit(f"{path} holds {len(ids)} tokens, fewer than --steps x --batch x --seq = {n}.")
+    return [{"input_ids": i, "labels": y} for i, y in zip(ids[:n].view(count, batch, seq), labels[:n].view(count, batch, seq))]
+
+
+def bench(size: str, batches: list[dict], steps: int) -> dict:
+    """Mean seconds of a step of each model, both cycling through `batches` in the same order."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     config = ModelConfig.from_size(size)
+    batch, seq = batches[0]["input_ids"].shape
+    ours_data, hf_data = itertools.cycle(batches), itertools.cycle(batches)
     torch.manual_seed(0)
-    ids = torch.randint(0, config.vocab_size, (batch, seq))
-    data = {"input_ids": ids, "labels": ids}
-
     ours = GPTNeoX(config)
     state = {k: v.clone() for k, v in ours.state_dict().items()}
-    # The same model without FSDP: separates what the model costs from what a one-rank
-    # FSDP group adds (the loop keeps FSDP so one process runs the N-rank code path).
-    bare = GPTNeoX(config)
-    bare.load_state_dict(state)
-    bare_opt, _ = build_optimizer(bare, TrainConfig(lr=1e-5, warmup_steps=0), total_steps=100)
-
-    def bare_step():
-        (loss_sum(bare, data, torch.device("cpu")) / (batch * (seq - 1))).backward()
-        bare_opt.step()
-        bare_opt.zero_grad(set_to_none=True)
-
-    apply_fsdp(ours)
+    if needs_fsdp(torch.distributed.get_world_size(), None, False):  # as the loop decides
+        apply_fsdp(ours)
     opt, _ = build_optimizer(ours, TrainConfig(lr=1e-5, warmup_steps=0), total_steps=100)  # the loop's own
 
     def our_step():
-        (loss_sum(ours, data, torch.device("cpu")) / (batch * (seq - 1))).backward()
+        data = next(ours_data)
+        targets = (data["labels"][:, 1:] != IGNORE_INDEX).sum()
+        (loss_sum(ours, data, torch.device("cpu")) / targets).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -85,16 +107,20 @@ def bench(size: str, batch: int, seq: int, steps: int) -> dict:
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=True)  # the HF Trainer's default, adamw_torch_fused
 
     def hf_step():
-        hf(input_ids=ids, labels=ids).loss.backward()
+        data = next(hf_data)
+        hf(input_ids=data["input_ids"], labels=data["labels"]).loss.backward()
         hf_opt.step()
         hf_opt.zero_grad(set_to_none=True)
 
     n = 2048
-    t = time_interleaved({"ours": our_step, "bare": bare_step, "hf": hf_step, "matmul": matmul(n)}, steps)
-    n_matmul = config.num_params() - config.vocab_size * config.hidden_size
+    t = time_interleaved({"ours": our_step, "hf": hf_step, "matmul": matmul(n)}, steps)
+    C, V = config.hidden_size, config.vocab_size
+    n_layers = config.num_params() - 2 * V * C - 2 * C  # all but the embeddings and the final LayerNorm
     tokens = batch * seq
-    flops = 6 * n_matmul * tokens + 12 * config.num_layers * seq * config.hidden_size * tokens
-    return {"size": size, "tokens": tokens, "ours": t["ours"], "bare": t["bare"], "hf": t["hf"], "flops": flops, "peak": 2 * n**3 / t["matmul"]}
+    targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches) / len(batches)
+    flops = 6 * n_layers * tokens + 6 * V * C * targets + 12 * config.num_layers * seq * C * tokens
+    return {"tokens": tokens, "targets": targets, "ours": t["ours"], "hf": t["hf"], "flops": flops,
+            "peak": 2 * n**3 / t["matmul"]}
 
 
 def main():
@@ -103,17 +129,24 @@ def main():
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--data", default=os.path.join(SHARED, "databricks-dolly-15k.head789.jsonl"))
+    p.add_argument("--tokenizer", default=os.path.join(SHARED, "gpt-neox-20b-tokenizer.json"))
     args = p.parse_args()
     init_distributed()
+    torch.manual_seed(0)
+    random_ids = torch.randint(0, ModelConfig.from_size(args.sizes[0]).vocab_size, (args.batch, args.seq))
+    workloads = {"dolly": dolly_batches(args.data, args.tokenizer, args.steps, args.batch, args.seq),
+                 "all-target": [{"input_ids": random_ids, "labels": random_ids}]}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch {args.batch} x seq {args.seq}, "
-          f"median of {args.steps} interleaved steps")
-    print(f"{'shape':<8}{'minidolly tok/s':>17}{'transformers tok/s':>20}{'ratio':>8}"
-          f"{'no-FSDP tok/s':>15}{'ratio':>8}{'matmul GFLOP/s':>16}{'MFU ours':>10}{'MFU hf':>8}")
+          f"mean of {args.steps} interleaved steps")
+    print(f"{'shape':<8}{'workload':<12}{'targets':>8}{'minidolly tok/s':>17}{'transformers tok/s':>20}{'ratio':>8}"
+          f"{'matmul GFLOP/s':>16}{'MFU ours':>10}{'MFU hf':>8}")
     for size in args.sizes:
-        r = bench(size, args.batch, args.seq, args.steps)
-        ours, bare, hf = r["tokens"] / r["ours"], r["tokens"] / r["bare"], r["tokens"] / r["hf"]
-        print(f"{size:<8}{ours:>17,.0f}{hf:>20,.0f}{ours / hf:>7.2f}x{bare:>15,.0f}{bare / hf:>7.2f}x{r['peak'] / 1e9:>16.1f}"
-              f"{r['flops'] / r['ours'] / r['peak']:>10.0%}{r['flops'] / r['hf'] / r['peak']:>8.0%}")
+        for name, data in workloads.items():
+            r = bench(size, data, args.steps)
+            ours, hf = r["tokens"] / r["ours"], r["tokens"] / r["hf"]
+            print(f"{size:<8}{name:<12}{r['targets'] / r['tokens']:>8.0%}{ours:>17,.0f}{hf:>20,.0f}{ours / hf:>7.2f}x"
+                  f"{r['peak'] / 1e9:>16.1f}{r['flops'] / r['ours'] / r['peak']:>10.0%}{r['flops'] / r['hf'] / r['peak']:>8.0%}")
 
 
 if __name__ == "__main__":

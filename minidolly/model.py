@@ -227,8 +227,8 @@ class GPTNeoX(nn.Module):
         return self.use_kernels
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
-                last_only: bool = False):
-        """Logits for every position (or only the last).
+                last_only: bool = False, keep: torch.Tensor | None = None):
+        """Logits for every position (or only the last, or only those in `keep`).
 
         input_ids: (B, T) token ids.
         attention_mask: optional (B, S) with 1 for real tokens and 0 for padding (left padding),
@@ -238,7 +238,11 @@ class GPTNeoX(nn.Module):
         cache: optional KVCache; the new keys/values are appended and `cache.length` advances.
         last_only: unembed only the last position, as generation needs: in a prefill of T
             tokens that skips (T-1) x V x C multiply-adds, often the largest matmul.
-        Returns logits (B, T, V), or (B, 1, V) with `last_only`.
+        keep: optional (B, T) bool; unembed only the positions where it is True. Training
+            scores only response tokens, so it skips the prompt's and the padding's share of
+            that matmul, forward and backward (about half of Dolly's tokens are prompt).
+        Returns logits (B, T, V), (B, 1, V) with `last_only`, or (N, V) with `keep`,
+        N = keep.sum(), in row-major order of the kept positions.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -258,8 +262,10 @@ class GPTNeoX(nn.Module):
             cache.length += T
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
+        elif keep is not None:
+            x = x[keep]  # (N, C)
         x = layer_norm(self.final_layer_norm, x, fused)
-        return self.embed_out(x)  # (B, T, V)
+        return self.embed_out(x)  # (B, T, V), (B, 1, V) or (N, V)
 
 
 def build_attention_mask(attention_mask, T: int, past: int, device):

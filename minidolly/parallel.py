@@ -4,10 +4,11 @@ The model file knows nothing of this module. Here we
 
 - start the process group (`init_distributed`): nccl on CUDA, gloo on CPU, and a one-rank
   group when the script was not launched by torchrun, so a single process runs the very same
-  FSDP code path as a cluster;
+  loop (collectives, DCP checkpoints) as a cluster;
 - wrap each transformer layer in activation checkpointing (`apply_activation_checkpointing`);
 - shard with FSDP2 (`apply_fsdp`): `fully_shard` on every layer, then on the root, which
-  picks up what is left (embed_in, final_layer_norm, embed_out).
+  picks up what is left (embed_in, final_layer_norm, embed_out), when `needs_fsdp` says it
+  has something to do.
 
 Each FSDP unit all-gathers its parameters just before it runs and frees them right after,
 so at any moment a rank holds 1/N of the model plus about two unsharded layers.
@@ -69,6 +70,15 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     price of one more forward per layer (~33% more compute)."""
     for i, layer in enumerate(model.layers):
         model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+
+
+def needs_fsdp(world_size: int, param_dtype: torch.dtype | None, cpu_offload: bool) -> bool:
+    """FSDP gives us three things: sharding over ranks, mixed precision (bf16 compute over fp32
+    master weights) and CPU offload. With one rank, fp32 compute and no offload it would give
+    none of them and only cost: it still copies every parameter into its unsharded buffer and
+    every gradient out of it, each step (about 20% of a CPU step). Then the plain module
+    trains, as torchtitan does when its data-parallel shard degree is 1."""
+    return world_size > 1 or param_dtype is not None or cpu_offload
 
 
 def apply_fsdp(model: nn.Module, *, param_dtype: torch.dtype | None = None,

@@ -53,7 +53,7 @@ from .data import (
     train_val_split,
 )
 from .model import GPTNeoX
-from .parallel import apply_activation_checkpointing, apply_fsdp, init_distributed
+from .parallel import apply_activation_checkpointing, apply_fsdp, init_distributed, needs_fsdp
 from .tokenizer import load_tokenizer
 
 GiB = 2**30
@@ -320,7 +320,7 @@ def build_model(sources: Sources, cfg: TrainConfig, device: torch.device, comput
     """The sharded model, with weights in place, never whole on any rank but rank 0's host.
 
     Every rank builds the model on the meta device (no memory), applies activation
-    checkpointing and FSDP, and allocates only its shards (`to_empty`). Rank 0 then supplies
+    checkpointing and FSDP (when `needs_fsdp`), and allocates only its shards (`to_empty`). Rank 0 then supplies
     the full weights one tensor at a time and `set_model_state_dict(broadcast_from_rank0)`
     sends each to every rank, which keeps its slice:
     pretrained: `load_model` memory-maps the checkpoint files, so rank 0 reads each tensor
@@ -333,7 +333,8 @@ def build_model(sources: Sources, cfg: TrainConfig, device: torch.device, comput
         model = GPTNeoX(sources.config)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
-    apply_fsdp(model, param_dtype=compute_dtype, cpu_offload=cfg.cpu_offload)
+    if needs_fsdp(dist.get_world_size(), compute_dtype, cfg.cpu_offload):
+        apply_fsdp(model, param_dtype=compute_dtype, cpu_offload=cfg.cpu_offload)
     model.to_empty(device="cpu" if cfg.cpu_offload else device)
 
     full, error = {}, None
@@ -383,13 +384,15 @@ def build_optimizer(model, cfg: TrainConfig, total_steps: int):
 def loss_sum(model, batch: dict, device: torch.device) -> torch.Tensor:
     """Summed cross-entropy of every target token of a collated micro-batch (fp32).
 
-    The prediction at position t is scored against token t+1: instead of slicing the
-    (B, T, V) logits (a copy), the labels are shifted left and padded with IGNORE_INDEX.
+    The prediction at position t is scored against token t+1, so the labels are shifted left
+    (padded with IGNORE_INDEX) rather than the logits sliced. Only positions with a target are
+    unembedded (`keep`): the prompt and the padding never reach the (C -> V) matmul.
     """
     input_ids = batch["input_ids"].to(device, non_blocking=True)
-    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX).to(device, non_blocking=True)
-    logits = model(input_ids)  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX).to(device, non_blocking=True)  # (B, T)
+    keep = targets != IGNORE_INDEX  # (B, T)
+    logits = model(input_ids, keep=keep)  # (N, V), N = target tokens
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
 
 @torch.no_grad()
@@ -689,7 +692,8 @@ def _train(cfg: TrainConfig, env) -> dict:
         n_targets = count_targets([train_set[i] for i in batch.global_indices])
         total = torch.zeros((), dtype=torch.float64, device=env.device)
         for j, indices in enumerate(batch.micro_batches):
-            model.set_requires_gradient_sync(j == len(batch.micro_batches) - 1 or not plan.skip_sync)
+            if hasattr(model, "set_requires_gradient_sync"):  # an FSDP module
+                model.set_requires_gradient_sync(j == len(batch.micro_batches) - 1 or not plan.skip_sync)
             micro = loss_sum(model, collate([train_set[i] for i in indices], tokenizer.pad_id), env.device) / n_targets
             micro.backward()
             total += micro.detach()

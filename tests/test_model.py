@@ -37,6 +37,16 @@ def test_logits_match_transformers(tmp_path, tokenizer, name):
     assert (ours - theirs).abs().max().item() < 1e-4
 
 
+def test_keep_unembeds_only_the_kept_positions(ckpt_14m, tokenizer):
+    model = load_model(ckpt_14m[0])
+    ids = text_batch(tokenizer)
+    keep = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.4
+    with torch.no_grad():
+        full, kept = model(ids), model(ids, keep=keep)
+    assert kept.shape == (int(keep.sum()), model.config.vocab_size)
+    torch.testing.assert_close(kept, full[keep], rtol=1e-5, atol=1e-5)
+
+
 def test_kv_cache_decode_equals_full_forward(ckpt_14m, tokenizer):
     model = load_model(ckpt_14m[0])
     ids = text_batch(tokenizer)

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from minidolly import load_model, load_tokenizer
 from minidolly.config import ModelConfig
-from minidolly.train import TrainConfig, TrainingStopped, UsageError, dry_run, plan_memory, train
+from minidolly.data import collate, load_records, tokenize_records
+from minidolly.train import TrainConfig, TrainingStopped, UsageError, dry_run, loss_sum, plan_memory, train
 
 spec = importlib.util.spec_from_file_location("train_cli", REPO / "train.py")
 cli = importlib.util.module_from_spec(spec)
@@ -77,6 +78,28 @@ def reference(tiny, tmp_path_factory):
     summary = train(cli.parse_args(common(tiny, out, "--save-every", "2")))
     assert summary["steps"] == STEPS
     return str(out)
+
+
+def test_loss_and_gradients_equal_transformers_on_real_records(tiny):
+    # loss_sum unembeds only the target positions; transformers scores every position with -100
+    # ignored. Same loss, same gradient for every parameter.
+    from transformers import GPTNeoXForCausalLM
+
+    records, _ = load_records(DOLLY_RECORDS)
+    examples, _ = tokenize_records(records[:4], load_tokenizer(TOKENIZER_JSON), max_length=2048)
+    batch = collate(examples, pad_id=0)  # right-padded, with and without context
+    ours, hf = load_model(tiny), GPTNeoXForCausalLM.from_pretrained(tiny)
+    n_targets = int((batch["labels"][:, 1:] != -100).sum())
+    loss = loss_sum(ours, batch, torch.device("cpu")) / n_targets
+    loss.backward()
+    expected = hf(input_ids=batch["input_ids"], labels=batch["labels"])
+    expected.loss.backward()
+    torch.testing.assert_close(loss, expected.loss, rtol=1e-5, atol=0)
+    theirs = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        hf_name = name.replace("embed_out", "embed_out" if "embed_out.weight" in theirs else "lm_head")
+        hf_name = hf_name if hf_name in theirs else "gpt_neox." + hf_name
+        torch.testing.assert_close(p.grad, theirs[hf_name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_two_ranks_take_the_same_steps_as_one(tiny, reference, tmp_path):
