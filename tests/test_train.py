@@ -119,6 +119,21 @@ def test_two_ranks_take_the_same_steps_as_one(tiny, reference, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4, msg=k)
 
 
+def test_bf16_mixed_precision_on_two_ranks_tracks_fp32(tiny, reference, tmp_path):
+    # The GPU default, run over gloo: FSDP all-gathers bf16 copies of the fp32 shards, computes
+    # in bf16, reduce-scatters in fp32 and steps fp32 master weights; final/ is written in bf16.
+    r = run_cli(*common(tiny, tmp_path, "--precision", "bf16"), torchrun=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "bf16 compute" in r.stdout
+    one, two = losses(reference), losses(tmp_path)
+    for step in one:
+        assert abs(two[step] - one[step]) <= 1e-4 * abs(one[step]), (step, one[step], two[step])
+    a, b = final_weights(reference), final_weights(tmp_path)
+    for k in a:
+        assert b[k].dtype == torch.bfloat16, k
+        torch.testing.assert_close(b[k].float(), a[k], rtol=1e-2, atol=1e-2, msg=k)
+
+
 def test_killed_run_resumes_exactly(tiny, reference, tmp_path):
     r = run_cli(*common(tiny, tmp_path, "--save-every", "2", "--stop-after-step", "3"))
     assert r.returncode == 3, r.stderr[-3000:]  # died after step 3, one step past its last checkpoint
