@@ -48,6 +48,7 @@ def parse_args(argv=None) -> TrainConfig:
     g = p.add_argument_group("memory and precision")
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision, help="auto: bf16 on GPU, fp32 on CPU")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each layer in backward")
+    g.add_argument("--compile", action="store_true", help="torch.compile each layer (needs a C++ compiler on CPU)")
     g.add_argument("--cpu-offload", action="store_true", help="keep parameters, gradients and AdamW state in host RAM")
     g.add_argument("--dry-run", action="store_true", help="print the per-rank memory plan and exit")
     g.add_argument("--world-size", type=int, help="with --dry-run: plan for this many ranks")

@@ -5,7 +5,8 @@
 
 One step = forward + backward + AdamW on one (batch, seq) micro-batch, single process, fp32.
 "minidolly" is the training loop's own step: `minidolly.train.loss_sum` on the model as the
-loop wraps it (`needs_fsdp` decides: no FSDP for one fp32 rank) with the loop's optimizer;
+loop wraps it (`needs_fsdp` decides: no FSDP for one fp32 rank) with the loop's optimizer,
+and "--compile" the same with train.py's --compile (each layer torch.compile'd);
 "transformers" is GPTNeoXForCausalLM with the same weights, computing its loss from
 `labels=`, with fused AdamW (the HF Trainer's adamw_torch_fused). Two workloads:
 
@@ -36,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from minidolly.config import ModelConfig  # noqa: E402
 from minidolly.model import GPTNeoX  # noqa: E402
 from minidolly.data import IGNORE_INDEX, load_records, tokenize_records  # noqa: E402
-from minidolly.parallel import apply_fsdp, init_distributed, needs_fsdp  # noqa: E402
+from minidolly.parallel import apply_compile, apply_fsdp, init_distributed, needs_fsdp  # noqa: E402
 from minidolly.tokenizer import load_tokenizer  # noqa: E402
 from minidolly.train import TrainConfig, build_optimizer, loss_sum  # noqa: E402
 
@@ -80,47 +81,63 @@ def dolly_batches(path: str, tokenizer_path: str, count: int, batch: int, seq: i
     return [{"input_ids": i, "labels": y} for i, y in zip(ids[:n].view(count, batch, seq), labels[:n].view(count, batch, seq))]
 
 
-def bench(size: str, batches: list[dict], steps: int) -> dict:
-    """Mean seconds of a step of each model, both cycling through `batches` in the same order."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+def loop_step(config: ModelConfig, state: dict, batches: list[dict], compile: bool):
+    """The training loop's step on a model built as the loop builds it (torch.compile'd layers
+    with --compile; FSDP when `needs_fsdp`), cycling through `batches`."""
+    model = GPTNeoX(config)
+    model.load_state_dict(state)
+    if compile:
+        apply_compile(model)
+    if needs_fsdp(torch.distributed.get_world_size(), None, False):
+        apply_fsdp(model)
+    opt, _ = build_optimizer(model, TrainConfig(lr=1e-5, warmup_steps=0), total_steps=100)  # the loop's own
+    data = itertools.cycle(batches)
 
-    config = ModelConfig.from_size(size)
-    batch, seq = batches[0]["input_ids"].shape
-    ours_data, hf_data = itertools.cycle(batches), itertools.cycle(batches)
-    torch.manual_seed(0)
-    ours = GPTNeoX(config)
-    state = {k: v.clone() for k, v in ours.state_dict().items()}
-    if needs_fsdp(torch.distributed.get_world_size(), None, False):  # as the loop decides
-        apply_fsdp(ours)
-    opt, _ = build_optimizer(ours, TrainConfig(lr=1e-5, warmup_steps=0), total_steps=100)  # the loop's own
-
-    def our_step():
-        data = next(ours_data)
-        targets = (data["labels"][:, 1:] != IGNORE_INDEX).sum()
-        (loss_sum(ours, data, torch.device("cpu")) / targets).backward()
+    def step():
+        micro = next(data)
+        targets = (micro["labels"][:, 1:] != IGNORE_INDEX).sum()
+        (loss_sum(model, micro, torch.device("cpu")) / targets).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def hf_step(config: ModelConfig, state: dict, batches: list[dict]):
+    """transformers' GPTNeoXForCausalLM step with the same weights, cycling through `batches`."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     hf = GPTNeoXForCausalLM(GPTNeoXConfig(**config.to_hf())).train()
     head = "lm_head.weight" if "lm_head.weight" in hf.state_dict() else "embed_out.weight"  # transformers 5 renamed it
     hf.load_state_dict({(head if k == "embed_out.weight" else "gpt_neox." + k): v for k, v in state.items()})
-    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=True)  # the HF Trainer's default, adamw_torch_fused
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=True)  # the HF Trainer's default, adamw_torch_fused
+    data = itertools.cycle(batches)
 
-    def hf_step():
-        data = next(hf_data)
-        hf(input_ids=data["input_ids"], labels=data["labels"]).loss.backward()
-        hf_opt.step()
-        hf_opt.zero_grad(set_to_none=True)
+    def step():
+        micro = next(data)
+        hf(input_ids=micro["input_ids"], labels=micro["labels"]).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
+    return step
+
+
+def bench(size: str, batches: list[dict], steps: int) -> dict:
+    """Mean seconds of a step of each, all cycling through `batches` in the same order."""
+    config = ModelConfig.from_size(size)
+    batch, seq = batches[0]["input_ids"].shape
+    torch.manual_seed(0)
+    state = GPTNeoX(config).state_dict()
     n = 2048
-    t = time_interleaved({"ours": our_step, "hf": hf_step, "matmul": matmul(n)}, steps)
+    t = time_interleaved({"ours": loop_step(config, state, batches, compile=False),
+                          "compiled": loop_step(config, state, batches, compile=True),
+                          "hf": hf_step(config, state, batches), "matmul": matmul(n)}, steps)
     C, V = config.hidden_size, config.vocab_size
     n_layers = config.num_params() - 2 * V * C - 2 * C  # all but the embeddings and the final LayerNorm
     tokens = batch * seq
     targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches) / len(batches)
     flops = 6 * n_layers * tokens + 6 * V * C * targets + 12 * config.num_layers * seq * C * tokens
-    return {"tokens": tokens, "targets": targets, "ours": t["ours"], "hf": t["hf"], "flops": flops,
-            "peak": 2 * n**3 / t["matmul"]}
+    return {"tokens": tokens, "targets": targets, **t, "flops": flops, "peak": 2 * n**3 / t["matmul"]}
 
 
 def main():
@@ -138,15 +155,16 @@ def main():
     workloads = {"dolly": dolly_batches(args.data, args.tokenizer, args.steps, args.batch, args.seq),
                  "all-target": [{"input_ids": random_ids, "labels": random_ids}]}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch {args.batch} x seq {args.seq}, "
-          f"mean of {args.steps} interleaved steps")
-    print(f"{'shape':<8}{'workload':<12}{'targets':>8}{'minidolly tok/s':>17}{'transformers tok/s':>20}{'ratio':>8}"
-          f"{'matmul GFLOP/s':>16}{'MFU ours':>10}{'MFU hf':>8}")
+          f"mean of {args.steps} interleaved steps; tokens/s")
+    print(f"{'shape':<8}{'workload':<12}{'targets':>8}{'minidolly':>11}{'--compile':>11}{'transformers':>14}{'ratio':>8}"
+          f"{'ratio --compile':>17}{'matmul GFLOP/s':>16}{'MFU ours':>10}{'MFU hf':>8}")
     for size in args.sizes:
         for name, data in workloads.items():
             r = bench(size, data, args.steps)
-            ours, hf = r["tokens"] / r["ours"], r["tokens"] / r["hf"]
-            print(f"{size:<8}{name:<12}{r['targets'] / r['tokens']:>8.0%}{ours:>17,.0f}{hf:>20,.0f}{ours / hf:>7.2f}x"
-                  f"{r['peak'] / 1e9:>16.1f}{r['flops'] / r['ours'] / r['peak']:>10.0%}{r['flops'] / r['hf'] / r['peak']:>8.0%}")
+            ours, compiled, hf = (r["tokens"] / r[k] for k in ("ours", "compiled", "hf"))
+            print(f"{size:<8}{name:<12}{r['targets'] / r['tokens']:>8.0%}{ours:>11,.0f}{compiled:>11,.0f}{hf:>14,.0f}"
+                  f"{ours / hf:>7.2f}x{compiled / hf:>16.2f}x{r['peak'] / 1e9:>16.1f}"
+                  f"{r['flops'] / r['ours'] / r['peak']:>10.0%}{r['flops'] / r['hf'] / r['peak']:>8.0%}")
 
 
 if __name__ == "__main__":

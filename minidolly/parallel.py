@@ -6,6 +6,7 @@ The model file knows nothing of this module. Here we
   group when the script was not launched by torchrun, so a single process runs the very same
   loop (collectives, DCP checkpoints) as a cluster;
 - wrap each transformer layer in activation checkpointing (`apply_activation_checkpointing`);
+- compile each layer with torch.compile (`apply_compile`);
 - shard with FSDP2 (`apply_fsdp`): `fully_shard` on every layer, then on the root, which
   picks up what is left (embed_in, final_layer_norm, embed_out), when `needs_fsdp` says it
   has something to do.
@@ -70,6 +71,17 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     price of one more forward per layer (~33% more compute)."""
     for i, layer in enumerate(model.layers):
         model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each transformer layer in place, torchtitan style: the layers are the
+    same code, so they share one compiled graph (forward and backward), which fuses the
+    elementwise work between the matmuls (LayerNorm, rotary, GELU, residual adds). The
+    data-dependent parts outside the layers (embedding, the `keep` gather, the loss) stay
+    eager. `Module.compile` keeps the module and its parameter names, so FSDP, checkpoints
+    and state dicts see the same model. Apply after activation checkpointing, before FSDP."""
+    for layer in model.layers:
+        layer.compile()
 
 
 def needs_fsdp(world_size: int, param_dtype: torch.dtype | None, cpu_offload: bool) -> bool:

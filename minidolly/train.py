@@ -53,7 +53,7 @@ from .data import (
     train_val_split,
 )
 from .model import GPTNeoX
-from .parallel import apply_activation_checkpointing, apply_fsdp, init_distributed, needs_fsdp
+from .parallel import apply_activation_checkpointing, apply_compile, apply_fsdp, init_distributed, needs_fsdp
 from .tokenizer import load_tokenizer
 
 GiB = 2**30
@@ -98,6 +98,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each layer
     cpu_offload: bool = False
     precision: str = "auto"  # auto: bf16 compute on GPU, fp32 on CPU
     skip_bad_records: bool = False
@@ -320,7 +321,7 @@ def build_model(sources: Sources, cfg: TrainConfig, device: torch.device, comput
     """The sharded model, with weights in place, never whole on any rank but rank 0's host.
 
     Every rank builds the model on the meta device (no memory), applies activation
-    checkpointing and FSDP (when `needs_fsdp`), and allocates only its shards (`to_empty`). Rank 0 then supplies
+    checkpointing, torch.compile and FSDP (when `needs_fsdp`), and allocates only its shards (`to_empty`). Rank 0 then supplies
     the full weights one tensor at a time and `set_model_state_dict(broadcast_from_rank0)`
     sends each to every rank, which keeps its slice:
     pretrained: `load_model` memory-maps the checkpoint files, so rank 0 reads each tensor
@@ -333,6 +334,8 @@ def build_model(sources: Sources, cfg: TrainConfig, device: torch.device, comput
         model = GPTNeoX(sources.config)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if cfg.compile:
+        apply_compile(model)
     if needs_fsdp(dist.get_world_size(), compute_dtype, cfg.cpu_offload):
         apply_fsdp(model, param_dtype=compute_dtype, cpu_offload=cfg.cpu_offload)
     model.to_empty(device="cpu" if cfg.cpu_offload else device)

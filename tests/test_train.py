@@ -103,8 +103,8 @@ def test_loss_and_gradients_equal_transformers_on_real_records(tiny):
 
 
 def test_two_ranks_take_the_same_steps_as_one(tiny, reference, tmp_path):
-    # checkpointing activations changes the memory, never the numbers
-    r = run_cli(*common(tiny, tmp_path, "--activation-checkpointing"), torchrun=True)
+    # checkpointing activations and compiling the layers change memory and speed, never the numbers
+    r = run_cli(*common(tiny, tmp_path, "--activation-checkpointing", "--compile"), torchrun=True)
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = losses(reference), losses(tmp_path)
     assert sorted(two) == list(range(1, STEPS + 1))
