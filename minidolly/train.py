@@ -281,12 +281,16 @@ def plan_memory(config: ModelConfig, cfg: TrainConfig, world_size: int, seq_len:
     state_where = "host" if cfg.cpu_offload else "device"
     act = "a·t·C·(L + 18)" if cfg.activation_checkpointing else "18·a·t·C·L"
     act_bytes = a * t * C * (L + 18) if cfg.activation_checkpointing else 18 * a * t * C * L
+    # One fp32 rank trains the plain module (`needs_fsdp`): whole fp32 tensors, no unsharded
+    # copies, and gradients that accumulate in place.
+    fsdp = needs_fsdp(N, torch.bfloat16 if bf16 else None, cfg.cpu_offload)
+    kind = "fp32 shards" if fsdp else "fp32, whole"
     rows = [
-        ("parameters (fp32 shards)", state_where, 4 * P // N, "4·P/N"),
-        ("gradients (fp32 shards)", state_where, 4 * P // N, "4·P/N"),
-        ("AdamW exp_avg + exp_avg_sq (fp32 shards)", state_where, 8 * P // N, "8·P/N"),
-        ("unsharded root + 2 layers, params + grads", "device", 2 * a * (root + 2 * per_layer),
-         "2·a·(2·V·C + 2·P_layer)"),
+        (f"parameters ({kind})", state_where, 4 * P // N, "4·P/N"),
+        (f"gradients ({kind})", state_where, 4 * P // N, "4·P/N"),
+        (f"AdamW exp_avg + exp_avg_sq ({kind})", state_where, 8 * P // N, "8·P/N"),
+        *([("unsharded root + 2 layers, params + grads", "device", 2 * a * (root + 2 * per_layer),
+            "2·a·(2·V·C + 2·P_layer)")] if fsdp else []),
         (f"activations, {'checkpointed ' if cfg.activation_checkpointing else ''}layers", "device", act_bytes, act),
         ("activations, logits + loss", "device", t * V * (a + 8), "t·V·(a + 8)"),
         ("CUDA context, allocator slack" if gpu else "runtime (libraries, buffers)", "device", GiB if gpu else GiB // 2, "1 GiB" if gpu else "0.5 GiB"),
@@ -295,11 +299,13 @@ def plan_memory(config: ModelConfig, cfg: TrainConfig, world_size: int, seq_len:
     header = (f"Memory plan: pythia shape {L} layers x {C} wide, P = {P / 1e9:.2f}B parameters, "
               f"N = {N} rank(s), {'bf16' if bf16 else 'fp32'} compute (a = {a}), micro-batch {cfg.micro_batch_size} "
               f"x {T} tokens (t = {t}), activation checkpointing {'on' if cfg.activation_checkpointing else 'off'}, "
-              f"CPU offload {'on' if cfg.cpu_offload else 'off'}")
+              f"CPU offload {'on' if cfg.cpu_offload else 'off'}, FSDP {'on' if fsdp else 'off (one fp32 rank)'}")
     plan = MemoryPlan(rows, budget, int(0.95 * host), device_name, header, skip_sync=False)
     if cfg.global_batch_size % (cfg.micro_batch_size * N):
         plan.note = (f"note: --global-batch-size {cfg.global_batch_size} is not a multiple of --micro-batch-size "
                      f"{cfg.micro_batch_size} x {N} ranks, so a real run would refuse it")
+    elif accumulation > 1 and not fsdp:
+        plan.note = f"gradients accumulate in place over {accumulation} micro-batches"
     elif accumulation > 1:
         # Skipping the reduce-scatter on all but the last micro-batch is faster but keeps a
         # whole unsharded fp32 gradient per rank until then; take it only where it fits.

@@ -5,6 +5,7 @@ A tiny GPT-NeoX (hidden 64, 2 layers, real 50304-row vocabulary) fine-tunes on t
 Dolly records cut to 96 tokens, so every run takes seconds on a CPU.
 """
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -268,3 +269,9 @@ def test_plan_arithmetic():
     assert plan["AdamW exp_avg + exp_avg_sq (fp32 shards)"] == 8 * P // 2
     assert plan["activations, layers"] == 18 * 4 * (2 * 512) * 512 * 6
     assert plan["activations, logits + loss"] == (2 * 512) * 50304 * (4 + 8)
+    # one fp32 rank trains without FSDP: whole tensors, no unsharded copies
+    one = {what: nbytes for what, _, nbytes, _ in plan_memory(config, cfg, world_size=1).rows}
+    assert one["parameters (fp32, whole)"] == 4 * P
+    assert not any(what.startswith("unsharded") for what in one)
+    bf16 = dataclasses.replace(cfg, precision="bf16")  # FSDP again, for mixed precision
+    assert any(what.startswith("unsharded") for what, *_ in plan_memory(config, bf16, world_size=1).rows)
