@@ -2,8 +2,12 @@
 
     python bench/train.py                       # pythia-70m and 160m shapes, seq 512, CPU fp32
     python bench/train.py --sizes 70m --batch 2 --steps 3
+    python bench/train.py --device cuda --sizes 160m 410m 1b --batch 8   # a GPU, bf16
 
-One step = forward + backward + AdamW on one (batch, seq) micro-batch, single process, fp32.
+One step = forward + backward + AdamW on one (batch, seq) micro-batch, single process, in
+fp32, or with --precision bf16 (the default on CUDA) mixed precision as each side does it:
+our loop through FSDP's MixedPrecisionPolicy (bf16 compute over fp32 master weights, as
+train.py runs one GPU), transformers under torch.autocast(bf16), as the HF Trainer's bf16=True.
 "minidolly" is the training loop's own step: `minidolly.train.loss_sum` on the model as the
 loop wraps it (`needs_fsdp` decides: no FSDP for one fp32 rank) with the loop's optimizer,
 and "--compile" the same with train.py's --compile (each layer torch.compile'd);
@@ -17,7 +21,8 @@ and "--compile" the same with train.py's --compile (each layer torch.compile'd);
 
 FLOPs per step count the work the step needs: 6·N·tokens for the layers (N: their matmul
 parameters), 6·V·C per target token for the unembedding, and 12·L·T·C·tokens for attention's
-QK^T and AV, forward and backward. MFU is that over the speed of a 2048³ fp32 matmul, for
+QK^T and AV, forward and backward. MFU is that over the speed of a 2048³ matmul (in the
+compute dtype), for
 both models (transformers unembeds every position, so it does more than this count). The
 three are timed interleaved (ours, theirs, matmul, ours, ...), so a busy machine slows all
 alike; the dolly workload is --steps different micro-batches, each timed once per model.
@@ -44,10 +49,23 @@ from minidolly.train import TrainConfig, build_optimizer, loss_sum  # noqa: E402
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 
 
-def matmul(n: int = 2048):
-    """A closure doing one n x n x n fp32 matmul: 2·n³ FLOP, the peak a model step can hope for."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return lambda: a @ b
+def synced(step, device: torch.device):
+    """`step`, made to return only when the device has finished its work (CUDA is asynchronous)."""
+    if device.type != "cuda":
+        return step
+
+    def run():
+        step()
+        torch.cuda.synchronize(device)
+
+    return run
+
+
+def matmul(device: torch.device, dtype: torch.dtype, n: int = 2048):
+    """A closure doing one n x n x n matmul in the compute dtype: 2·n³ FLOP, the peak a model
+    step can hope for."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return synced(lambda: a @ b, device)
 
 
 def time_interleaved(steps: dict, repeats: int) -> dict:
@@ -81,33 +99,34 @@ def dolly_batches(path: str, tokenizer_path: str, count: int, batch: int, seq: i
     return [{"input_ids": i, "labels": y} for i, y in zip(ids[:n].view(count, batch, seq), labels[:n].view(count, batch, seq))]
 
 
-def loop_step(config: ModelConfig, state: dict, batches: list[dict], compile: bool):
+def loop_step(config: ModelConfig, state: dict, batches: list[dict], compile: bool, device, bf16: bool):
     """The training loop's step on a model built as the loop builds it (torch.compile'd layers
     with --compile; FSDP when `needs_fsdp`), cycling through `batches`."""
-    model = GPTNeoX(config)
+    model = GPTNeoX(config).to(device)
     model.load_state_dict(state)
     if compile:
         apply_compile(model)
-    if needs_fsdp(torch.distributed.get_world_size(), None, False):
-        apply_fsdp(model)
+    param_dtype = torch.bfloat16 if bf16 else None
+    if needs_fsdp(torch.distributed.get_world_size(), param_dtype, False):
+        apply_fsdp(model, param_dtype=param_dtype)
     opt, _ = build_optimizer(model, TrainConfig(lr=1e-5, warmup_steps=0), total_steps=100)  # the loop's own
     data = itertools.cycle(batches)
 
     def step():
         micro = next(data)
         targets = (micro["labels"][:, 1:] != IGNORE_INDEX).sum()
-        (loss_sum(model, micro, torch.device("cpu")) / targets).backward()
+        (loss_sum(model, micro, device) / targets.to(device)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step
+    return synced(step, device)
 
 
-def hf_step(config: ModelConfig, state: dict, batches: list[dict]):
+def hf_step(config: ModelConfig, state: dict, batches: list[dict], device, bf16: bool):
     """transformers' GPTNeoXForCausalLM step with the same weights, cycling through `batches`."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    hf = GPTNeoXForCausalLM(GPTNeoXConfig(**config.to_hf())).train()
+    hf = GPTNeoXForCausalLM(GPTNeoXConfig(**config.to_hf())).train().to(device)
     head = "lm_head.weight" if "lm_head.weight" in hf.state_dict() else "embed_out.weight"  # transformers 5 renamed it
     hf.load_state_dict({(head if k == "embed_out.weight" else "gpt_neox." + k): v for k, v in state.items()})
     opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=True)  # the HF Trainer's default, adamw_torch_fused
@@ -115,23 +134,28 @@ def hf_step(config: ModelConfig, state: dict, batches: list[dict]):
 
     def step():
         micro = next(data)
-        hf(input_ids=micro["input_ids"], labels=micro["labels"]).loss.backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = hf(input_ids=micro["input_ids"].to(device), labels=micro["labels"].to(device)).loss
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step
+    return synced(step, device)
 
 
-def bench(size: str, batches: list[dict], steps: int) -> dict:
+def bench(size: str, batches: list[dict], steps: int, device: torch.device, bf16: bool) -> dict:
     """Mean seconds of a step of each, all cycling through `batches` in the same order."""
     config = ModelConfig.from_size(size)
     batch, seq = batches[0]["input_ids"].shape
     torch.manual_seed(0)
     state = GPTNeoX(config).state_dict()
     n = 2048
-    t = time_interleaved({"ours": loop_step(config, state, batches, compile=False),
-                          "compiled": loop_step(config, state, batches, compile=True),
-                          "hf": hf_step(config, state, batches), "matmul": matmul(n)}, steps)
+    runs = {"ours": loop_step(config, state, batches, False, device, bf16),
+            "hf": hf_step(config, state, batches, device, bf16),
+            "matmul": matmul(device, torch.bfloat16 if bf16 else torch.float32, n)}
+    if not (bf16 and device.type == "cpu"):  # torch 2.13's inductor cannot compile that backward
+        runs["compiled"] = loop_step(config, state, batches, True, device, bf16)
+    t = {"compiled": float("nan"), **time_interleaved(runs, steps)}
     C, V = config.hidden_size, config.vocab_size
     n_layers = config.num_params() - 2 * V * C - 2 * C  # all but the embeddings and the final LayerNorm
     tokens = batch * seq
@@ -148,19 +172,24 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--data", default=os.path.join(SHARED, "databricks-dolly-15k.head789.jsonl"))
     p.add_argument("--tokenizer", default=os.path.join(SHARED, "gpt-neox-20b-tokenizer.json"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="default: bf16 on CUDA, fp32 on CPU")
     args = p.parse_args()
+    device = torch.device(args.device)
+    bf16 = (args.precision or ("bf16" if device.type == "cuda" else "fp32")) == "bf16"
     init_distributed()
     torch.manual_seed(0)
     random_ids = torch.randint(0, ModelConfig.from_size(args.sizes[0]).vocab_size, (args.batch, args.seq))
     workloads = {"dolly": dolly_batches(args.data, args.tokenizer, args.steps, args.batch, args.seq),
                  "all-target": [{"input_ids": random_ids, "labels": random_ids}]}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch {args.batch} x seq {args.seq}, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, {'bf16' if bf16 else 'fp32'}, batch {args.batch} x seq {args.seq}, "
           f"mean of {args.steps} interleaved steps; tokens/s")
     print(f"{'shape':<8}{'workload':<12}{'targets':>8}{'minidolly':>11}{'--compile':>11}{'transformers':>14}{'ratio':>8}"
           f"{'ratio --compile':>17}{'matmul GFLOP/s':>16}{'MFU ours':>10}{'MFU hf':>8}")
     for size in args.sizes:
         for name, data in workloads.items():
-            r = bench(size, data, args.steps)
+            r = bench(size, data, args.steps, device, bf16)
             ours, compiled, hf = (r["tokens"] / r[k] for k in ("ours", "compiled", "hf"))
             print(f"{size:<8}{name:<12}{r['targets'] / r['tokens']:>8.0%}{ours:>11,.0f}{compiled:>11,.0f}{hf:>14,.0f}"
                   f"{ours / hf:>7.2f}x{compiled / hf:>16.2f}x{r['peak'] / 1e9:>16.1f}"

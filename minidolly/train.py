@@ -627,6 +627,10 @@ def _train(cfg: TrainConfig, env) -> dict:
         raise UsageError("--cpu-offload moves GPU state to the host; there is no GPU here, so drop it.")
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
     compute_dtype = torch.bfloat16 if bf16 else None  # None: compute in the fp32 parameters
+    if cfg.compile and bf16 and env.device.type == "cpu":
+        # torch 2.13's inductor emits C++ that does not compile for the bf16 layer backward
+        raise UsageError("--compile with --precision bf16 fails inside torch.compile on CPU (an inductor bug); "
+                         "use one of the two.")
     torch.manual_seed(cfg.seed)
 
     sources, tokenizer, train_set, val_set, sampler, stats = _read_inputs(cfg, env)

@@ -230,6 +230,7 @@ def test_nan_loss_stops_at_the_step_and_keeps_the_checkpoint(tiny, tmp_path, cap
     (["--size", "14m", "--micro-batch-size", "0"], "--micro-batch-size"),
     (["--size", "14m", "--world-size", "8"], "--dry-run"),
     (["--size", "14m", "--schedule", "steep"], "--schedule"),
+    (["--size", "14m", "--compile", "--precision", "bf16"], "--compile"),
     (["--size", "14m", "--init", "scratch", "--data", "/no/such.jsonl"], "--tokenizer"),  # the Hub is offline
 ])
 def test_bad_flags_exit_2_with_one_line(argv, words, capsys, monkeypatch):
