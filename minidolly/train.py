@@ -327,9 +327,9 @@ def build_model(sources: Sources, cfg: TrainConfig, device: torch.device, comput
     """The sharded model, with weights in place, never whole on any rank but rank 0's host.
 
     Every rank builds the model on the meta device (no memory), applies activation
-    checkpointing, torch.compile and FSDP (when `needs_fsdp`), and allocates only its shards (`to_empty`). Rank 0 then supplies
-    the full weights one tensor at a time and `set_model_state_dict(broadcast_from_rank0)`
-    sends each to every rank, which keeps its slice:
+    checkpointing, torch.compile and FSDP (when `needs_fsdp`), and allocates only its shards
+    (`to_empty`). Rank 0 then supplies the full weights one tensor at a time and
+    `set_model_state_dict(broadcast_from_rank0)` sends each to every rank, which keeps its slice:
     pretrained: `load_model` memory-maps the checkpoint files, so rank 0 reads each tensor
         from disk only as it is broadcast;
     scratch: rank 0 builds the model on CPU with GPT-NeoX's init, seeded by --seed, so the
