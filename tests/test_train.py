@@ -9,6 +9,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -150,6 +151,23 @@ def test_killed_run_resumes_exactly(tiny, reference, tmp_path):
     assert steps == sorted(set(steps)), "the rerun steps replace their first rows"
     a, b = final_weights(reference), final_weights(tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_one_rank_checkpoint_resumes_on_two_ranks(tiny, reference, tmp_path):
+    # One fp32 rank saves plain tensors, two ranks load them into FSDP shards (DCP reshards).
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+    shutil.rmtree(tmp_path / "checkpoints" / "step-00000004")
+    shutil.rmtree(tmp_path / "final")
+    r = run_cli(*common(tiny, tmp_path, "--save-every", "2", "--resume"), torchrun=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "after step 2" in r.stdout
+    one, two = losses(reference), losses(tmp_path)
+    assert sorted(two) == list(range(1, STEPS + 1))
+    for step in one:
+        assert abs(two[step] - one[step]) <= 1e-5 * abs(one[step]), (step, one[step], two[step])
+    a, b = final_weights(reference), final_weights(tmp_path)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4, msg=k)
 
 
 def test_finetuning_lowers_validation_loss_and_saves_a_hf_model(tiny, tmp_path):
