@@ -43,12 +43,15 @@ class Distributed:
         return self.rank == 0
 
 
-def init_distributed(timeout_minutes: float = 30) -> Distributed:
+def init_distributed(timeout_minutes: float = 30, cpu_offload: bool = False) -> Distributed:
     """Join (or create) the default process group and pick this rank's device.
 
     Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) it joins the launcher's group; otherwise
     it creates a one-rank group in memory (a HashStore), so single-process training is simply
-    FSDP on a world of one. Backend: nccl when CUDA is visible, else gloo.
+    FSDP on a world of one. Backend: nccl when CUDA is visible, else gloo. With `cpu_offload`
+    on CUDA the group is "cuda:nccl,cpu:gloo": the offloaded shards live in host memory, and
+    the collectives on them (loading the weights, the gradient norm, gathering the final
+    weights) need a backend that takes CPU tensors; FSDP's own traffic stays on nccl.
     """
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -56,7 +59,7 @@ def init_distributed(timeout_minutes: float = 30) -> Distributed:
     if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        backend = "nccl" if cuda else "gloo"
+        backend = ("cuda:nccl,cpu:gloo" if cpu_offload else "nccl") if cuda else "gloo"
         timeout = datetime.timedelta(minutes=timeout_minutes)
         if "RANK" in os.environ:
             dist.init_process_group(backend, timeout=timeout, device_id=device if cuda else None)
@@ -76,9 +79,10 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 def apply_compile(model: nn.Module) -> None:
     """torch.compile each transformer layer in place, torchtitan style: the layers are the
     same code, so they share one compiled graph (forward and backward), which fuses the
-    elementwise work between the matmuls (LayerNorm, rotary, GELU, residual adds). The
-    data-dependent parts outside the layers (embedding, the `keep` gather, the loss) stay
-    eager. `Module.compile` keeps the module and its parameter names, so FSDP, checkpoints
+    elementwise work between the matmuls (LayerNorm, rotary, GELU, residual adds); the last
+    layer, which also gathers the rows that have a target, gets a second one whose row count
+    is dynamic. The data-dependent parts outside the layers (embedding, finding the target
+    rows, the loss) stay eager. `Module.compile` keeps the module and its parameter names, so FSDP, checkpoints
     and state dicts see the same model. Apply after activation checkpointing, before FSDP."""
     for layer in model.layers:
         layer.compile()

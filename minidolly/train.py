@@ -583,7 +583,7 @@ def train(cfg: TrainConfig) -> dict:
     """
     cfg.validate()
     created = not dist.is_initialized()
-    env = init_distributed()
+    env = init_distributed(cpu_offload=cfg.cpu_offload)
     try:
         return _train(cfg, env)
     finally:

@@ -294,3 +294,21 @@ def test_plan_arithmetic():
     assert not any(what.startswith("unsharded") for what in one)
     bf16 = dataclasses.replace(cfg, precision="bf16")  # FSDP again, for mixed precision
     assert any(what.startswith("unsharded") for what, *_ in plan_memory(config, bf16, world_size=1).rows)
+
+
+@pytest.mark.parametrize("cuda, offload, backend", [
+    (False, False, "gloo"), (False, True, "gloo"), (True, False, "nccl"), (True, True, "cuda:nccl,cpu:gloo")])
+def test_process_group_backend(cuda, offload, backend, monkeypatch):
+    # No GPU here, so the choice is checked, not run: offloaded shards live in host memory and
+    # their collectives (weight broadcast, gradient norm, final gather) need gloo beside nccl.
+    import minidolly.parallel as parallel
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(parallel.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(parallel.dist, "init_process_group", lambda backend, **kwargs: chosen.append(backend))
+    monkeypatch.setattr(parallel.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(parallel.dist, "get_world_size", lambda: 1)
+    parallel.init_distributed(cpu_offload=offload)
+    assert chosen == [backend]
