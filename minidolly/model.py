@@ -69,7 +69,7 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(C, 3 * C, bias=config.attention_bias)
         self.dense = nn.Linear(C, C, bias=config.attention_bias)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, fused=False):
+    def forward(self, x, cos, sin, mask, kv_cache=None, fused=False, rows=None):
         B, T, C = x.shape
         H, D = self.config.num_heads, self.config.head_dim
         qkv = self.query_key_value(x).view(B, T, H, 3 * D).transpose(1, 2)  # (B, H, T, 3D)
@@ -84,6 +84,8 @@ class Attention(nn.Module):
             # mask None: plain causal (or one new query, which may see every cached key)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, H, D) -> (B, T, C)
+        if rows is not None:
+            y = y.flatten(0, 1)[rows]  # (N, C): only the queries whose output is read
         return self.dense(y)
 
 
@@ -125,8 +127,14 @@ class Layer(nn.Module):
         self.attention = Attention(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask=None, kv_cache=None, fused=False):
-        attn = self.attention(layer_norm(self.input_layernorm, x, fused), cos, sin, mask, kv_cache, fused)
+    def forward(self, x, cos, sin, mask=None, kv_cache=None, fused=False, rows=None):
+        """x (B, T, C) -> (B, T, C). With `rows`, flat indices into the B·T positions, only those
+        come out, (N, C): keys and values still cover every position, but the attention output
+        projection and the MLP run on N rows. The model passes it to its last layer, whose
+        other positions nobody reads."""
+        attn = self.attention(layer_norm(self.input_layernorm, x, fused), cos, sin, mask, kv_cache, fused, rows)
+        if rows is not None:
+            x = x.flatten(0, 1)[rows]  # (N, C)
         if self.use_parallel_residual:
             # GPT-J's parallel residual: attention and MLP read the same x, so on many GPUs
             # their two matmul chains run without waiting on each other (one all-reduce in TP).
@@ -236,11 +244,13 @@ class GPTNeoX(nn.Module):
         position_ids: optional (B, T); by default counted from the first real token of each row
             (so a left-padded row gets the same positions as it would alone).
         cache: optional KVCache; the new keys/values are appended and `cache.length` advances.
-        last_only: unembed only the last position, as generation needs: in a prefill of T
-            tokens that skips (T-1) x V x C multiply-adds, often the largest matmul.
-        keep: optional (B, T) bool; unembed only the positions where it is True. Training
-            scores only response tokens, so it skips the prompt's and the padding's share of
-            that matmul, forward and backward (about half of Dolly's tokens are prompt).
+        last_only: compute only the last position's logits, as generation needs: in a prefill
+            of T tokens that skips (T-1) x V x C multiply-adds, often the largest matmul.
+        keep: optional (B, T) bool; compute logits only where it is True. Training scores only
+            response tokens, so it skips the prompt's and the padding's share of that matmul,
+            forward and backward (about half of Dolly's tokens are prompt).
+        With either, the last layer's MLP and attention output projection also run only on
+        those positions: their outputs feed nothing but the logits.
         Returns logits (B, T, V), (B, 1, V) with `last_only`, or (N, V) with `keep`,
         N = keep.sum(), in row-major order of the kept positions.
         """
@@ -253,19 +263,23 @@ class GPTNeoX(nn.Module):
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         mask = build_attention_mask(attention_mask, T, past, input_ids.device)
         fused = self._fused(input_ids) and cache is None
+        rows = None  # the positions whose logits are wanted, as flat indices into B·T
+        if last_only:
+            rows = torch.arange(T - 1, B * T, T, device=input_ids.device)  # (B,): each row's last
+        elif keep is not None:
+            rows = keep.flatten().nonzero().squeeze(1)  # (N,), row-major
 
         x = self.embed_in(input_ids)  # (B, T, C)
         cos, sin = rotary_cos_sin(self.config, position_ids, x.dtype)  # (B, 1, T, rotary_dim)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache.layer(i) if cache is not None else None, fused)
+            last = i == len(self.layers) - 1
+            x = layer(x, cos, sin, mask, cache.layer(i) if cache is not None else None, fused,
+                      rows if last else None)  # (B, T, C); after the last layer (N, C) with rows
         if cache is not None:
             cache.length += T
-        if last_only:
-            x = x[:, -1:]  # (B, 1, C)
-        elif keep is not None:
-            x = x[keep]  # (N, C)
         x = layer_norm(self.final_layer_norm, x, fused)
-        return self.embed_out(x)  # (B, T, V), (B, 1, V) or (N, V)
+        logits = self.embed_out(x)  # (B, T, V) or (N, V)
+        return logits.view(B, 1, -1) if last_only else logits  # last_only: (B, 1, V)
 
 
 def build_attention_mask(attention_mask, T: int, past: int, device):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import PYTHIA_14M, PYTHIA_70M, make_hf_checkpoint
 from minidolly import GPTNeoX, KVCache, ModelConfig, load_model
@@ -37,14 +38,27 @@ def test_logits_match_transformers(tmp_path, tokenizer, name):
     assert (ours - theirs).abs().max().item() < 1e-4
 
 
-def test_keep_unembeds_only_the_kept_positions(ckpt_14m, tokenizer):
-    model = load_model(ckpt_14m[0])
+@pytest.mark.parametrize("name", ["pythia-14m", "other"])  # parallel and sequential residual
+def test_keep_computes_only_the_kept_positions(tmp_path, tokenizer, name):
+    make_hf_checkpoint(tmp_path, seed=1, **CONFIGS[name])
+    model = load_model(tmp_path)
     ids = text_batch(tokenizer)
     keep = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.4
     with torch.no_grad():
-        full, kept = model(ids), model(ids, keep=keep)
+        full = model(ids)
+        with FlopCounterMode(display=False) as counter:
+            kept = model(ids, keep=keep)
     assert kept.shape == (int(keep.sum()), model.config.vocab_size)
     torch.testing.assert_close(kept, full[keep], rtol=1e-5, atol=1e-5)
+    # and it does less work: the last layer's attention output projection and MLP, and the
+    # unembedding, run on the N kept rows; q/k/v and every earlier layer on all B·T
+    c = model.config
+    BT, N, C, F, V = ids.numel(), int(keep.sum()), c.hidden_size, c.intermediate_size, c.vocab_size
+    after_attention = 2 * C * C + 2 * 2 * C * F  # dense, then MLP up and down, per position
+    expected = c.num_layers * BT * 2 * C * 3 * C + (c.num_layers - 1) * BT * after_attention + N * after_attention \
+        + N * 2 * C * V
+    matmul = sum(n for op, n in counter.get_flop_counts()["Global"].items() if str(op) in ("aten.mm", "aten.addmm"))
+    assert matmul == expected
 
 
 def test_kv_cache_decode_equals_full_forward(ckpt_14m, tokenizer):
