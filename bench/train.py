@@ -1,7 +1,7 @@
 """Training-step throughput: minidolly vs transformers, and MFU against a measured matmul peak.
 
     python bench/train.py                       # pythia-70m and 160m shapes, seq 512, CPU fp32
-    python bench/train.py --sizes 70m --batch 2 --steps 3
+    python bench/train.py --sizes 70m --dolly-batches 5 --steps 3        # quicker, less representative
     python bench/train.py --device cuda --sizes 160m 410m 1b --batch 8   # a GPU, bf16
 
 One step = forward + backward + AdamW on one (batch, seq) micro-batch, single process, in
@@ -16,16 +16,19 @@ and "--compile" the same with train.py's --compile (each layer torch.compile'd);
 
 - dolly: real databricks-dolly-15k records (../shared/data, or --data), tokenized and labelled
   exactly as train.py does (prompt tokens are -100), packed end to end into rows of seq
-  tokens: the mix of prompt and response tokens of the real data (about 47% are targets);
+  tokens, --dolly-batches different micro-batches each timed once per model: the mix of
+  prompt and response tokens of the real data (47-48% targets with the default 20 batches;
+  the first 5 alone are 57%, which would understate what the loop skips);
 - all-target: random tokens, every position a target (the least our loop can skip).
 
 FLOPs per step count the work the step needs: 6·N·tokens for the layers (N: their matmul
-parameters), 6·V·C per target token for the unembedding, and 12·L·T·C·tokens for attention's
-QK^T and AV, forward and backward. MFU is that over the speed of a 2048³ matmul (in the
+parameters) less the last layer's attention output projection and MLP at positions without a
+target (nothing reads them), 6·V·C per target token for the unembedding, and 12·L·T·C·tokens
+for attention's QK^T and AV, forward and backward. MFU is that over the speed of a 2048³ matmul (in the
 compute dtype), for
 both models (transformers unembeds every position, so it does more than this count). The
 three are timed interleaved (ours, theirs, matmul, ours, ...), so a busy machine slows all
-alike; the dolly workload is --steps different micro-batches, each timed once per model.
+alike; all-target times --steps steps of one batch.
 """
 
 import argparse
@@ -95,7 +98,7 @@ def dolly_batches(path: str, tokenizer_path: str, count: int, batch: int, seq: i
     labels = torch.tensor([t for e in examples for t in e.labels])
     n = count * batch * seq
     if len(ids) < n:
-        raise SystemExit(f"{path} holds {len(ids)} tokens, fewer than --steps x --batch x --seq = {n}.")
+        raise SystemExit(f"{path} holds {len(ids)} tokens, fewer than --dolly-batches x --batch x --seq = {n}.")
     return [{"input_ids": i, "labels": y} for i, y in zip(ids[:n].view(count, batch, seq), labels[:n].view(count, batch, seq))]
 
 
@@ -160,7 +163,9 @@ def bench(size: str, batches: list[dict], steps: int, device: torch.device, bf16
     n_layers = config.num_params() - 2 * V * C - 2 * C  # all but the embeddings and the final LayerNorm
     tokens = batch * seq
     targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches) / len(batches)
-    flops = 6 * n_layers * tokens + 6 * V * C * targets + 12 * config.num_layers * seq * C * tokens
+    after_attention = C * C + 2 * C * config.intermediate_size  # dense, MLP up and down
+    flops = (6 * n_layers * tokens - 6 * after_attention * (tokens - targets) + 6 * V * C * targets
+             + 12 * config.num_layers * seq * C * tokens)
     return {"tokens": tokens, "targets": targets, **t, "flops": flops, "peak": 2 * n**3 / t["matmul"]}
 
 
@@ -169,7 +174,8 @@ def main():
     p.add_argument("--sizes", nargs="+", default=["70m", "160m"])
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5, help="timed steps of the all-target batch")
+    p.add_argument("--dolly-batches", type=int, default=20, help="real micro-batches, each timed once")
     p.add_argument("--data", default=os.path.join(SHARED, "databricks-dolly-15k.head789.jsonl"))
     p.add_argument("--tokenizer", default=os.path.join(SHARED, "gpt-neox-20b-tokenizer.json"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -180,16 +186,16 @@ def main():
     init_distributed()
     torch.manual_seed(0)
     random_ids = torch.randint(0, ModelConfig.from_size(args.sizes[0]).vocab_size, (args.batch, args.seq))
-    workloads = {"dolly": dolly_batches(args.data, args.tokenizer, args.steps, args.batch, args.seq),
+    workloads = {"dolly": dolly_batches(args.data, args.tokenizer, args.dolly_batches, args.batch, args.seq),
                  "all-target": [{"input_ids": random_ids, "labels": random_ids}]}
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}, {'bf16' if bf16 else 'fp32'}, batch {args.batch} x seq {args.seq}, "
-          f"mean of {args.steps} interleaved steps; tokens/s")
+          f"mean of {args.dolly_batches} (dolly) or {args.steps} (all-target) interleaved steps; tokens/s")
     print(f"{'shape':<8}{'workload':<12}{'targets':>8}{'minidolly':>11}{'--compile':>11}{'transformers':>14}{'ratio':>8}"
           f"{'ratio --compile':>17}{'matmul GFLOP/s':>16}{'MFU ours':>10}{'MFU hf':>8}")
     for size in args.sizes:
         for name, data in workloads.items():
-            r = bench(size, data, args.steps, device, bf16)
+            r = bench(size, data, len(data) if name == "dolly" else args.steps, device, bf16)
             ours, compiled, hf = (r["tokens"] / r[k] for k in ("ours", "compiled", "hf"))
             print(f"{size:<8}{name:<12}{r['targets'] / r['tokens']:>8.0%}{ours:>11,.0f}{compiled:>11,.0f}{hf:>14,.0f}"
                   f"{ours / hf:>7.2f}x{compiled / hf:>16.2f}x{r['peak'] / 1e9:>16.1f}"
