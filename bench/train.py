@@ -24,10 +24,9 @@ and "--compile" the same with train.py's --compile (each layer torch.compile'd);
 FLOPs per step count the work the step needs: 6·N·tokens for the layers (N: their matmul
 parameters) less the last layer's attention output projection and MLP at positions without a
 target (nothing reads them), 6·V·C per target token for the unembedding, and 12·L·T·C·tokens
-for attention's QK^T and AV, forward and backward. MFU is that over the speed of a 2048³ matmul (in the
-compute dtype), for
-both models (transformers unembeds every position, so it does more than this count). The
-three are timed interleaved (ours, theirs, matmul, ours, ...), so a busy machine slows all
+for attention's QK^T and AV, forward and backward. MFU is that over the speed of a 2048³
+matmul (in the compute dtype), for both models (transformers unembeds every position, so it
+does more than this count). The three are timed interleaved (ours, theirs, matmul, ours, ...), so a busy machine slows all
 alike; all-target times --steps steps of one batch.
 """
 
