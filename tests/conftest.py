@@ -19,6 +19,20 @@ PYTHIA_70M = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, i
                   vocab_size=50304, rotary_pct=0.25)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one (run them with `pytest -m cuda`)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are skipped, with the reason, where torch sees no CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 def make_hf_checkpoint(directory, seed=0, perturb_norms=True, initializer_range=0.02, **config_kwargs):
     """Save a random-weight transformers GPTNeoXForCausalLM to `directory`; returns the HF model.
 
