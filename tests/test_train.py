@@ -17,11 +17,13 @@ import pytest
 import torch
 from conftest import DOLLY_RECORDS, REPO, TOKENIZER_JSON, make_hf_checkpoint
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from minidolly import load_model, load_tokenizer
-from minidolly.config import ModelConfig
+from minidolly.config import ModelConfig, hub_id, size_key
 from minidolly.data import collate, load_records, tokenize_records
-from minidolly.train import TrainConfig, TrainingStopped, UsageError, dry_run, loss_sum, plan_memory, train
+from minidolly.memory import plan_memory
+from minidolly.train import TrainConfig, TrainingStopped, UsageError, dry_run, loss_sum, train
 
 spec = importlib.util.spec_from_file_location("train_cli", REPO / "train.py")
 cli = importlib.util.module_from_spec(spec)
@@ -222,7 +224,7 @@ def test_dry_run_plans_12b_on_eight_ranks():
 
 
 def test_a_run_that_cannot_fit_stops_with_the_plan(tiny, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("minidolly.train._host_memory", lambda: 2**26)  # 64 MiB of RAM
+    monkeypatch.setattr("minidolly.memory.host_memory", lambda: 2**26)  # 64 MiB of RAM
     with pytest.raises(UsageError, match="does not fit"):
         train(cli.parse_args(common(tiny, tmp_path)))
     assert "DOES NOT FIT" in capsys.readouterr().out
@@ -312,3 +314,47 @@ def test_process_group_backend(cuda, offload, backend, monkeypatch):
     monkeypatch.setattr(parallel.dist, "get_world_size", lambda: 1)
     parallel.init_distributed(cpu_offload=offload)
     assert chosen == [backend]
+
+
+def test_one_host_sync_per_step(tiny, tmp_path, monkeypatch):
+    # Reading a tensor's value on the host (.item(), float(), bool(), .tolist()) waits for the
+    # GPU to finish everything queued. A step reads once: the loss and the gradient norm
+    # together, to stop before a non-finite value reaches the weights. Counted on CPU as the
+    # difference between a 5-step and a 2-step run, so setup, the last step and the final
+    # save cancel out.
+    syncs = 0
+
+    class CountReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal syncs
+            syncs += func is torch.ops.aten._local_scalar_dense.default  # item(), float(), bool()
+            return func(*args, **(kwargs or {}))
+
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(self):  # tolist reads the data without a dispatched op
+        nonlocal syncs
+        syncs += 1
+        return tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+
+    def run(steps):
+        nonlocal syncs
+        syncs = 0
+        with CountReads():
+            train(cli.parse_args(common(tiny, tmp_path / str(steps), "--val-size", "0", "--log-every", "100",
+                                        "--max-steps", str(steps))))
+        return syncs
+
+    assert run(5) - run(2) == 3
+
+
+@pytest.mark.parametrize("name, key, hub", [
+    ("70m", "70m", "EleutherAI/pythia-70m"),
+    ("EleutherAI/pythia-1.4B-deduped", "1.4b", "EleutherAI/pythia-1.4b"),
+    ("databricks/dolly-v2-3b", "dolly-v2-3b", "databricks/dolly-v2-3b"),
+])
+def test_size_names_parse_in_one_place(name, key, hub):
+    assert size_key(name) == key and hub_id(name) == hub
+    assert ModelConfig.from_size(name) == ModelConfig.from_size(key)
