@@ -6,7 +6,8 @@ policy that decides what a run continues from.
     path = resume_from(out, resume=True)        # the resume policy; None: start afresh
     step = load_checkpoint(path, model, optimizer, scheduler, sampler)
 
-A checkpoint holds everything needed to continue a run exactly, on any number of ranks: model and optimizer shards, the LR schedule, the step, the data
+A checkpoint holds everything needed to continue a run exactly, on any number of ranks and on
+another kind of device: model and optimizer shards, the LR schedule, the step, the data
 sampler's position and each rank's random generators.
 
 This is not the model file format: minidolly/checkpoint.py reads and writes Hugging Face
@@ -69,7 +70,8 @@ def rng_state() -> dict[str, torch.Tensor]:
 
 
 def set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    """Restore the generators `state` (from `rng_state`) holds that this process also has."""
+    """Restore the generators `state` has (from `rng_state`) that this process also has; a
+    generator missing from it (a CPU checkpoint resumed on a GPU) keeps its --seed state."""
     if "cpu" in state:
         torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
@@ -121,14 +123,16 @@ def load_checkpoint(path: str, model, optimizer, scheduler, sampler) -> int:
     """Restore a checkpoint written by `save_checkpoint`; every rank calls it. Returns the
     step it was taken after.
 
-    Any world size (DCP reshards); RNG states only where the rank existed before.
+    Any world size (DCP reshards), any device: a rank restores the random generators that
+    both its saver and itself have (a rank that did not exist before keeps its --seed state).
     Raises ResumeError when the sampler's data, seed or global batch size differ from the
     checkpoint's.
     """
     state = _state(model, optimizer, 0, scheduler, sampler)
     saved = _reader(path).read_metadata().state_dict_metadata
     rng_key = f"rng.rank{dist.get_rank()}"
-    if not any(k.startswith(rng_key + ".") for k in saved):
+    state[rng_key] = {k: v for k, v in state[rng_key].items() if f"{rng_key}.{k}" in saved}
+    if not state[rng_key]:
         del state[rng_key]
     dcp.load(state, storage_reader=_reader(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

@@ -15,15 +15,17 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import DOLLY_RECORDS, REPO, TOKENIZER_JSON, make_hf_checkpoint
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from minidolly import load_model, load_tokenizer
+from minidolly import load_model, load_tokenizer, resume
 from minidolly.config import ModelConfig, hub_id, size_key
-from minidolly.data import collate, load_records, tokenize_records
+from minidolly.data import BatchSampler, collate, load_records, tokenize_records
 from minidolly.memory import plan_memory
-from minidolly.train import TrainConfig, TrainingStopped, UsageError, dry_run, loss_sum, train
+from minidolly.parallel import init_distributed
+from minidolly.train import TrainConfig, TrainingStopped, UsageError, build_optimizer, dry_run, loss_sum, train
 
 spec = importlib.util.spec_from_file_location("train_cli", REPO / "train.py")
 cli = importlib.util.module_from_spec(spec)
@@ -73,6 +75,16 @@ def run_cli(*args, env_extra=None, torchrun=False):
         else [sys.executable]
     return subprocess.run([*launcher, str(REPO / "train.py"), *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
+
+
+@pytest.fixture
+def one_rank():
+    """A one-rank process group for calling the loop's pieces directly (train() makes its own)."""
+    created = not dist.is_initialized()
+    init_distributed()
+    yield
+    if created:
+        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -348,6 +360,59 @@ def test_one_host_sync_per_step(tiny, tmp_path, monkeypatch):
         return syncs
 
     assert run(5) - run(2) == 3
+
+
+def _parts(seed=0, frozen=False):
+    """A small model, its optimizer and schedule (the loop's), and a sampler."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
+    model[0].requires_grad_(not frozen)
+    optimizer, scheduler = build_optimizer(model, TrainConfig(lr=1e-2, warmup_steps=0), total_steps=10)
+    model(torch.randn(2, 4)).square().sum().backward()
+    optimizer.step()  # so AdamW has state to save
+    scheduler.step()
+    return model, optimizer, scheduler, BatchSampler([5] * 8, 4, 2, seed=1)
+
+
+@pytest.mark.parametrize("saved_on, resumed_on", [("cpu", "cuda"), ("cuda", "cpu"), ("cuda", "cuda")])
+def test_a_checkpoint_resumes_on_another_device(saved_on, resumed_on, one_rank, tmp_path, monkeypatch):
+    # A process on a GPU also has the GPU's generator: its state is 16 bytes (seed, offset),
+    # which torch.cuda.get_rng_state returns. No GPU here, so a "cuda" process is this one with
+    # that generator mocked; a checkpoint saved on one kind of device must load on the other.
+    real_state, real_set = resume.rng_state, resume.set_rng_state
+    gpu_generator = torch.arange(16, dtype=torch.uint8)
+    restored = {}
+
+    def on(device):
+        if device == "cuda":
+            monkeypatch.setattr(resume, "rng_state", lambda: {**real_state(), "cuda": gpu_generator.clone()})
+        else:
+            monkeypatch.setattr(resume, "rng_state", real_state)
+
+    def set_rng(state):
+        restored.update(state)
+        real_set({k: v for k, v in state.items() if k == "cpu"})
+
+    monkeypatch.setattr(resume, "set_rng_state", set_rng)
+    on(saved_on)
+    model, optimizer, scheduler, sampler = _parts(seed=0)
+    next(iter(sampler))
+    torch.manual_seed(123)
+    path = resume.save_checkpoint(str(tmp_path), 7, model, optimizer, scheduler, sampler, keep=2)
+    expected_draw = torch.rand(5)
+
+    on(resumed_on)
+    fresh, fresh_optimizer, fresh_scheduler, fresh_sampler = _parts(seed=1)
+    assert resume.load_checkpoint(path, fresh, fresh_optimizer, fresh_scheduler, fresh_sampler) == 7
+    assert torch.equal(torch.rand(5), expected_draw)  # the CPU generator continues
+    assert set(restored) == ({"cpu", "cuda"} if saved_on == resumed_on == "cuda" else {"cpu"})
+    if "cuda" in restored:
+        assert torch.equal(restored["cuda"], gpu_generator)
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+    assert fresh_optimizer.state_dict()["state"][0]["exp_avg"].equal(optimizer.state_dict()["state"][0]["exp_avg"])
+    assert fresh_scheduler.state_dict() == scheduler.state_dict()
+    assert fresh_sampler.state_dict() == sampler.state_dict()
 
 
 @pytest.mark.parametrize("name, key, hub", [
