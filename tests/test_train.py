@@ -226,11 +226,13 @@ def test_dry_run_plans_12b_on_eight_ranks():
     r = run_cli("--size", "12b", "--dry-run", "--world-size", "8")
     assert r.returncode == 0, r.stderr
     assert "Memory plan" in r.stdout and "N = 8 rank(s)" in r.stdout and "AdamW" in r.stdout
+    assert "not counted: writing final/" in r.stdout and "4·P = 44.13 GiB" in r.stdout  # rank 0's host RAM
 
     config = ModelConfig.from_size("12b")
     plan = dry_run(TrainConfig(size="12b", dry_run=True, world_size=8, device_memory=80, activation_checkpointing=True))
     assert plan.rows[0][2] == 4 * config.num_params() // 8  # fp32 parameter shards
     assert plan.fits, str(plan)
+    assert "not counted: NCCL's own buffers" in str(plan)  # planned for a GPU
     no_shard = dry_run(TrainConfig(size="12b", dry_run=True, world_size=1, device_memory=80))
     assert not no_shard.fits and "DOES NOT FIT" in str(no_shard)
 
@@ -302,12 +304,20 @@ def test_plan_arithmetic():
     assert plan["AdamW exp_avg + exp_avg_sq (fp32 shards)"] == 8 * P // 2
     assert plan["activations, layers"] == 18 * 4 * (2 * 512) * 512 * 6
     assert plan["activations, logits + loss"] == (2 * 512) * 50304 * (4 + 8)
-    # one fp32 rank trains without FSDP: whole tensors, no unsharded copies
+    # FSDP's flat collective buffers: the root's fp32 reduce-scatter input (the largest unit),
+    # one layer's all-gather output in the compute dtype
+    root = 2 * 50304 * 512 + 2 * 512
+    assert plan["reduce-scatter input (fp32), largest unit"] == 4 * root
+    assert plan["all-gather output (compute dtype), one layer"] == 4 * (P - root) // 6
+    # one fp32 rank trains without FSDP: whole tensors, no unsharded copies, no collectives
     one = {what: nbytes for what, _, nbytes, _ in plan_memory(config, cfg, world_size=1).rows}
     assert one["parameters (fp32, whole)"] == 4 * P
-    assert not any(what.startswith("unsharded") for what in one)
+    assert not any(what.startswith(("unsharded", "reduce-scatter", "all-gather")) for what in one)
     bf16 = dataclasses.replace(cfg, precision="bf16")  # FSDP again, for mixed precision
-    assert any(what.startswith("unsharded") for what, *_ in plan_memory(config, bf16, world_size=1).rows)
+    rows = [what for what, *_ in plan_memory(config, bf16, world_size=1).rows]
+    assert any(what.startswith("unsharded") for what in rows)
+    assert any(what.startswith("reduce-scatter") for what in rows)  # even on one rank
+    assert not any(what.startswith("all-gather") for what in rows)  # one rank gathers nothing
 
 
 @pytest.mark.parametrize("cuda, offload, backend", [
