@@ -73,6 +73,7 @@ from .tokenizer import Tokenizer, load_tokenizer
 
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("auto", "bf16", "fp32")
+KERNELS = {"auto": None, "on": True, "off": False}  # --kernels -> GPTNeoX.use_kernels
 
 
 class UsageError(Exception):
@@ -115,6 +116,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each layer
     cpu_offload: bool = False
     precision: str = "auto"  # auto: bf16 compute on GPU, fp32 on CPU
+    kernels: str = "auto"  # our Triton kernels: auto (on CUDA where they run), on, off
     skip_bad_records: bool = False
     resume: bool = False
     dry_run: bool = False
@@ -145,6 +147,8 @@ class TrainConfig:
             raise UsageError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
+        if self.kernels not in KERNELS:
+            raise UsageError(f"--kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}.")
         if not self.dry_run and (self.world_size is not None or self.device_memory is not None):
             raise UsageError("--world-size and --device-memory only plan (--dry-run); a real run takes its world "
                              "size from torchrun and its memory from the devices it sees.")
@@ -203,6 +207,13 @@ def resolve_sources(cfg: TrainConfig, *, offline: bool = False) -> Sources:
 # ----------------------------------------------------------- model & optimizer
 
 
+def kernels_can_run(device: torch.device) -> bool:
+    """Whether our Triton kernels (kernels/) can run on `device` in this process."""
+    import kernels
+
+    return kernels.available()  # where kernels.available takes the device, pass it `device`
+
+
 def build_model(sources: Sources, cfg: TrainConfig, device: torch.device, compute_dtype) -> GPTNeoX:
     """The sharded model, with weights in place, never whole on any rank but rank 0's host.
 
@@ -214,11 +225,11 @@ def build_model(sources: Sources, cfg: TrainConfig, device: torch.device, comput
         from disk only as it is broadcast;
     scratch: rank 0 builds the model on CPU with GPT-NeoX's init, seeded by --seed, so the
         starting weights are the same whatever the world size (4·P bytes of host RAM on rank 0).
-    Raises UsageError (on every rank) when rank 0
+    --kernels sets `GPTNeoX.use_kernels`. Raises UsageError (on every rank) when rank 0
     cannot read the checkpoint.
     """
     with torch.device("meta"):
-        model = GPTNeoX(sources.config)
+        model = GPTNeoX(sources.config, use_kernels=KERNELS[cfg.kernels])
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.compile:
@@ -381,6 +392,9 @@ def _check_options(cfg: TrainConfig, env: Distributed) -> torch.dtype | None:
         # torch 2.13's inductor emits C++ that does not compile for the bf16 layer backward
         raise UsageError("--compile with --precision bf16 fails inside torch.compile on CPU (an inductor bug); "
                          "use one of the two.")
+    if cfg.kernels == "on" and not kernels_can_run(env.device):
+        raise UsageError(f"--kernels on: our Triton kernels cannot run on {env.device.type} here (they need triton "
+                         f"and a GPU they fit, or TRITON_INTERPRET=1 on CPU); use --kernels auto or off.")
     return torch.bfloat16 if bf16 else None
 
 

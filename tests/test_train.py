@@ -25,7 +25,17 @@ from minidolly.config import ModelConfig, hub_id, size_key
 from minidolly.data import BatchSampler, collate, load_records, tokenize_records
 from minidolly.memory import plan_memory
 from minidolly.parallel import init_distributed
-from minidolly.train import TrainConfig, TrainingStopped, UsageError, build_optimizer, dry_run, loss_sum, train
+from minidolly.train import (
+    TrainConfig,
+    TrainingStopped,
+    UsageError,
+    build_model,
+    build_optimizer,
+    dry_run,
+    loss_sum,
+    resolve_sources,
+    train,
+)
 
 spec = importlib.util.spec_from_file_location("train_cli", REPO / "train.py")
 cli = importlib.util.module_from_spec(spec)
@@ -265,6 +275,7 @@ def test_nan_loss_stops_at_the_step_and_keeps_the_checkpoint(tiny, tmp_path, cap
     (["--size", "14m", "--world-size", "8"], "--dry-run"),
     (["--size", "14m", "--schedule", "steep"], "--schedule"),
     (["--size", "14m", "--compile", "--precision", "bf16"], "--compile"),
+    (["--size", "14m", "--kernels", "maybe"], "--kernels"),
     (["--size", "14m", "--init", "scratch", "--data", "/no/such.jsonl"], "--tokenizer"),  # the Hub is offline
 ])
 def test_bad_flags_exit_2_with_one_line(argv, words, capsys, monkeypatch):
@@ -423,6 +434,21 @@ def test_a_checkpoint_resumes_on_another_device(saved_on, resumed_on, one_rank, 
     assert fresh_optimizer.state_dict()["state"][0]["exp_avg"].equal(optimizer.state_dict()["state"][0]["exp_avg"])
     assert fresh_scheduler.state_dict() == scheduler.state_dict()
     assert fresh_sampler.state_dict() == sampler.state_dict()
+
+
+@pytest.mark.parametrize("choice, use_kernels", [("auto", None), ("on", True), ("off", False)])
+def test_kernels_flag_sets_the_models_switch(choice, use_kernels, tiny, one_rank):
+    cfg = cli.parse_args(["--init", tiny, "--kernels", choice])
+    model = build_model(resolve_sources(cfg), cfg, torch.device("cpu"), None)
+    assert model.use_kernels is use_kernels
+
+
+def test_kernels_on_where_they_cannot_run_exits_2(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("kernels.available", lambda *args, **kwargs: False)
+    assert cli.main(common(tiny, tmp_path, "--kernels", "on")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--kernels on" in err, err
+    assert not os.path.exists(tmp_path / "metrics.jsonl")  # refused before any work
 
 
 @pytest.mark.parametrize("name, key, hub", [
