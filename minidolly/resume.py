@@ -8,7 +8,8 @@ policy that decides what a run continues from.
 
 A checkpoint holds everything needed to continue a run exactly, on any number of ranks and on
 another kind of device: model and optimizer shards, the LR schedule, the step, the data
-sampler's position and each rank's random generators.
+sampler's position and each rank's random generators. Only parameters that train are saved
+(`requires_grad`); frozen ones come from --init again.
 
 This is not the model file format: minidolly/checkpoint.py reads and writes Hugging Face
 checkpoints (the --init weights, <out>/final/), which `load_model`, transformers and
@@ -24,7 +25,12 @@ import shutil
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+# Saved and restored: the trainable parameters and their optimizer state. Full fine-tuning
+# trains all of them; with frozen parameters `strict=False` lets those keep what --init gave.
+_TRAINABLE = StateDictOptions(ignore_frozen_params=True, strict=False)
+
 
 class ResumeError(ValueError):
     """The checkpoints in --out do not allow this start or resume; the message says why and
@@ -81,7 +87,7 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 def _state(model, optimizer, step: int, scheduler, sampler) -> dict:
     """The dict DCP saves (and loads into): tensors are sharded or per-rank, the rest is
     pickled by rank 0. Nested keys flatten to dotted names, e.g. "rng.rank1.cuda"."""
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_TRAINABLE)
     return {"model": model_state, "optimizer": optim_state,
             "train": {"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()},
             f"rng.rank{dist.get_rank()}": rng_state()}
@@ -135,7 +141,8 @@ def load_checkpoint(path: str, model, optimizer, scheduler, sampler) -> int:
     if not state[rng_key]:
         del state[rng_key]
     dcp.load(state, storage_reader=_reader(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=_TRAINABLE)
     scheduler.load_state_dict(state["train"]["scheduler"])
     try:
         sampler.load_state_dict(state["train"]["sampler"])

@@ -262,12 +262,14 @@ def _broadcast(obj):
 
 
 def build_optimizer(model, cfg: TrainConfig, total_steps: int):
-    """AdamW with Dolly's betas/eps (HF defaults) and no weight decay on biases and LayerNorm
-    weights (every 1-D parameter), fused, and the LambdaLR schedule: linear warmup over
-    --warmup-steps (step s uses lr·(s+1)/warmup), then constant, cosine or linear decay to 0
-    at the last step. Returns (optimizer, scheduler)."""
-    groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
+    """AdamW over the parameters that train (`requires_grad`), with Dolly's betas/eps (HF
+    defaults) and no weight decay on biases and LayerNorm weights (every 1-D parameter),
+    fused, and the LambdaLR schedule: linear warmup over --warmup-steps (step s uses
+    lr·(s+1)/warmup), then constant, cosine or linear decay to 0 at the last step.
+    Returns (optimizer, scheduler)."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trained if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0}]
     # fused: one kernel for the whole update instead of a loop over tensors (CUDA and CPU alike)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
 

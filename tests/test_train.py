@@ -436,6 +436,21 @@ def test_a_checkpoint_resumes_on_another_device(saved_on, resumed_on, one_rank, 
     assert fresh_sampler.state_dict() == sampler.state_dict()
 
 
+def test_frozen_parameters_stay_out_of_checkpoints_and_the_optimizer(one_rank, tmp_path):
+    # What adapters (LoRA) need: only trainable parameters are optimized and saved; frozen
+    # ones come from --init again and keep their values on resume.
+    model, optimizer, scheduler, sampler = _parts(seed=0, frozen=True)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == 2  # model[1]'s weight and bias
+    path = resume.save_checkpoint(str(tmp_path), 1, model, optimizer, scheduler, sampler, keep=1)
+    saved = resume._reader(path).read_metadata().state_dict_metadata
+    assert "model.1.weight" in saved and not any(k.startswith("model.0.") for k in saved)
+
+    fresh, fresh_optimizer, fresh_scheduler, fresh_sampler = _parts(seed=1, frozen=True)
+    own = fresh[0].weight.clone()
+    resume.load_checkpoint(path, fresh, fresh_optimizer, fresh_scheduler, fresh_sampler)
+    assert torch.equal(fresh[1].weight, model[1].weight) and torch.equal(fresh[0].weight, own)
+
+
 @pytest.mark.parametrize("choice, use_kernels", [("auto", None), ("on", True), ("off", False)])
 def test_kernels_flag_sets_the_models_switch(choice, use_kernels, tiny, one_rank):
     cfg = cli.parse_args(["--init", tiny, "--kernels", choice])
