@@ -79,10 +79,10 @@ def exit_code(argv):
         return e.code
 
 
-def run_cli(*args, env_extra=None, torchrun=False):
+def run_cli(*args, env_extra=None, torchrun=False, nproc=2):
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun \
-        else [sys.executable]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
+        if torchrun else [sys.executable]
     return subprocess.run([*launcher, str(REPO / "train.py"), *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
 
@@ -474,3 +474,29 @@ def test_kernels_on_where_they_cannot_run_exits_2(tiny, tmp_path, monkeypatch, c
 def test_size_names_parse_in_one_place(name, key, hub):
     assert size_key(name) == key and hub_id(name) == hub
     assert ModelConfig.from_size(name) == ModelConfig.from_size(key)
+
+
+@pytest.mark.cuda
+def test_one_gpu_bf16_with_every_memory_option_resumes_exactly(tmp_path):
+    # For a GPU owner (`pytest -m cuda`): the loop on one GPU through torchrun and nccl, in bf16
+    # with torch.compile, activation checkpointing and CPU offload, killed after step 3 and
+    # resumed from its step-2 checkpoint. Step 3's loss is a forward of the checkpoint's weights
+    # on the same batch, so it must come out bit for bit (a backward may use atomics; a
+    # forward does not).
+    args = ["--size", "14m", "--init", "scratch", "--tokenizer", str(TOKENIZER_JSON), "--data", str(DOLLY_RECORDS),
+            "--out", str(tmp_path), "--max-length", "256", "--val-size", "16", "--global-batch-size", "8",
+            "--micro-batch-size", "4", "--log-every", "1", "--lr", "1e-3", "--warmup-steps", "2", "--eval-every", "0",
+            "--max-steps", "4", "--save-every", "2", "--precision", "bf16", "--compile", "--activation-checkpointing",
+            "--cpu-offload"]
+    killed = run_cli(*args, "--stop-after-step", "3", torchrun=True, nproc=1)
+    assert "1 x cuda, bf16 compute" in killed.stdout, killed.stdout[-3000:] + killed.stderr[-3000:]
+    assert killed.returncode != 0 and sorted(os.listdir(tmp_path / "checkpoints")) == ["step-00000002"]
+    before = losses(tmp_path)
+    assert sorted(before) == [1, 2, 3]
+
+    resumed = run_cli(*args, "--resume", torchrun=True, nproc=1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "after step 2" in resumed.stdout
+    after = losses(tmp_path)
+    assert sorted(after) == [1, 2, 3, 4] and after[3] == before[3]
+    assert all(t.dtype == torch.bfloat16 for t in final_weights(tmp_path).values())
