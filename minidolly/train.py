@@ -461,8 +461,10 @@ def setup(cfg: TrainConfig, env: Distributed) -> Run:
 
     model = build_model(sources, cfg, env.device, compute_dtype)
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
-    run = Run(cfg, env, sources, tokenizer, train_set, val_set, sampler, plan, out, model, optimizer, scheduler,
-              compute_dtype, total_steps, MetricsLog(os.path.join(out, "metrics.jsonl"), env.is_main))
+    run = Run(cfg=cfg, env=env, sources=sources, tokenizer=tokenizer, train_set=train_set, val_set=val_set,
+              sampler=sampler, plan=plan, out=out, model=model, optimizer=optimizer, scheduler=scheduler,
+              compute_dtype=compute_dtype, total_steps=total_steps,
+              metrics=MetricsLog(os.path.join(out, "metrics.jsonl"), env.is_main))
     if resume_path:
         try:
             run.step = load_checkpoint(resume_path, model, optimizer, scheduler, sampler)
@@ -511,7 +513,8 @@ def train_step(run: Run, batch: Step) -> StepResult:
     dist.all_reduce(total)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg.max_grad_norm or math.inf)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
-    loss, grad_norm = torch.stack([total, norm.double()]).tolist()
+    # The one sync. Under --cpu-offload the gradients, so their norm, are on the host.
+    loss, grad_norm = torch.stack([total.to(norm.device), norm.double()]).tolist()
     if not math.isfinite(loss) or not math.isfinite(grad_norm):
         last = checkpoint_dirs(run.out)
         what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
