@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 
-from minidolly.train import PRECISIONS, SCHEDULES, TrainConfig, TrainingStopped, UsageError, dry_run, train
+from minidolly.train import KERNELS, PRECISIONS, SCHEDULES, TrainConfig, TrainingStopped, UsageError, dry_run, train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,6 +50,8 @@ def parse_args(argv=None) -> TrainConfig:
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each layer in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile each layer (needs a C++ compiler on CPU)")
     g.add_argument("--cpu-offload", action="store_true", help="keep parameters, gradients and AdamW state in host RAM")
+    g.add_argument("--kernels", choices=KERNELS, default=d.kernels,
+                   help="our Triton LayerNorm and attention: auto (on a GPU that runs them), on, off (torch's)")
     g.add_argument("--dry-run", action="store_true", help="print the per-rank memory plan and exit")
     g.add_argument("--world-size", type=int, help="with --dry-run: plan for this many ranks")
     g.add_argument("--device-memory", type=float, help="with --dry-run: plan for GPUs with this many GiB")

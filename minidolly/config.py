@@ -6,6 +6,9 @@ It is built three ways:
     ModelConfig.from_size("70m")              # a named preset (also "pythia-70m", "dolly-v2-3b")
     ModelConfig.from_hf("path/to/config.json")  # a Hugging Face gpt_neox config (file, dir or dict)
     ModelConfig(vocab_size=..., hidden_size=..., ...)  # by hand, e.g. tiny test models
+
+`size_key` and `hub_id` are the one place a size name is parsed ("EleutherAI/pythia-70m" ->
+"70m" -> "EleutherAI/pythia-70m").
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ class ModelConfig:
 
         Raises ValueError naming the valid sizes for an unknown name.
         """
-        key = name.strip().lower().rsplit("/", 1)[-1]
+        key = size_key(name)
         if key.startswith("dolly-v2-"):
             size = DOLLY_TO_PYTHIA.get(key[len("dolly-v2-"):])
             if size is None:
@@ -85,7 +88,6 @@ class ModelConfig:
             # Dolly's released checkpoints trimmed the embedding to the tokenizer plus its
             # three instruction tokens: 50277 + 3 = 50280 rows (see dolly-v2-3b/config.json).
             return dataclasses.replace(cls.from_size(size), vocab_size=50280)
-        key = key.removeprefix("pythia-").removesuffix("-deduped")
         if key not in PYTHIA_SIZES:
             raise ValueError(
                 f"Unknown model size {name!r}; choose one of {', '.join(PYTHIA_SIZES)} "
@@ -209,3 +211,18 @@ PYTHIA_SIZES = {
 
 # Dolly v2 was fine-tuned from these Pythia checkpoints (huggingface.co/databricks/dolly-v2-*).
 DOLLY_TO_PYTHIA = {"3b": "2.8b", "7b": "6.9b", "12b": "12b"}
+
+
+def size_key(name: str) -> str:
+    """The preset key of a size name, the one place names are parsed: "70m", "pythia-70m",
+    "EleutherAI/pythia-70m-deduped" -> "70m"; "databricks/dolly-v2-3b" -> "dolly-v2-3b".
+    Any string gives a key; `ModelConfig.from_size` says whether it names a preset."""
+    key = name.strip().lower().rsplit("/", 1)[-1]
+    return key if key.startswith("dolly-v2-") else key.removeprefix("pythia-").removesuffix("-deduped")
+
+
+def hub_id(name: str) -> str:
+    """The Hugging Face Hub repository of a size name: "70m" -> "EleutherAI/pythia-70m",
+    "dolly-v2-3b" -> "databricks/dolly-v2-3b"."""
+    key = size_key(name)
+    return f"databricks/{key}" if key.startswith("dolly-v2-") else f"EleutherAI/pythia-{key}"

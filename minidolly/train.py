@@ -1,4 +1,4 @@
-"""Dolly's supervised fine-tuning of a Pythia model, on one process or many (FSDP2).
+"""Dolly's supervised fine-tuning of a Pythia model, on one process or many (FSDP2): the loop.
 
     from minidolly.train import TrainConfig, train
     train(TrainConfig(size="70m", data="dolly.jsonl", max_steps=100))
@@ -11,9 +11,21 @@ sum(token losses) / (target tokens in the whole global batch), a count every ran
 from the global batch's indices, and FSDP sums (not averages) over ranks. So N ranks take
 exactly the step one rank would, up to float summation order.
 
-The run writes to --out: metrics.jsonl, checkpoints/step-XXXXXXXX/ (torch.distributed
-.checkpoint, sharded, everything needed to resume exactly), final/ (Hugging Face format)
-and loss.png. docs/training.md explains the loop, the sharding and the memory arithmetic.
+`train` runs four rooms, torchtitan style:
+
+    setup(cfg, env) -> Run       read the inputs, apply the resume policy, check the memory
+                                 plan, build the sharded model and the optimizer, resume
+    train_step(run, batch)       one global batch: forward/backward of this rank's
+                                 micro-batches, clipping, AdamW; one host sync
+    after_step(run, ...)         the metrics row and progress line, evaluation, checkpoint
+    finish(run)                  last evaluation, final/ in Hugging Face format, loss.png
+
+The loop's neighbours each hold one concept: minidolly/parallel.py (process group, FSDP2,
+activation checkpointing, compile), minidolly/memory.py (the memory plan),
+minidolly/resume.py (the run's DCP checkpoints and the resume policy) and
+minidolly/metrics.py (metrics.jsonl, loss.png). The run writes to --out: metrics.jsonl,
+checkpoints/step-XXXXXXXX/, final/ (Hugging Face format) and loss.png. docs/training.md
+explains the loop, the sharding and the memory arithmetic.
 """
 
 from __future__ import annotations
@@ -22,29 +34,22 @@ import dataclasses
 import json
 import math
 import os
-import resource
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 from .checkpoint import DownloadError, load_model, resolve, save_model
-from .config import ModelConfig
+from .config import ModelConfig, hub_id, size_key
 from .data import (
     IGNORE_INDEX,
     BatchSampler,
+    Example,
+    Step,
     collate,
     count_targets,
     load_records,
@@ -52,13 +57,23 @@ from .data import (
     tokenize_records,
     train_val_split,
 )
+from .memory import GiB, MemoryPlan, plan_memory
+from .metrics import MetricsLog, duration, peak_memory, plot_loss
 from .model import GPTNeoX
-from .parallel import apply_activation_checkpointing, apply_compile, apply_fsdp, init_distributed, needs_fsdp
-from .tokenizer import load_tokenizer
+from .parallel import (
+    Distributed,
+    apply_activation_checkpointing,
+    apply_compile,
+    apply_fsdp,
+    init_distributed,
+    needs_fsdp,
+)
+from .resume import ResumeError, checkpoint_dirs, load_checkpoint, resume_from, save_checkpoint
+from .tokenizer import Tokenizer, load_tokenizer
 
-GiB = 2**30
 SCHEDULES = ("constant", "cosine", "linear")
 PRECISIONS = ("auto", "bf16", "fp32")
+KERNELS = {"auto": None, "on": True, "off": False}  # --kernels -> GPTNeoX.use_kernels
 
 
 class UsageError(Exception):
@@ -101,6 +116,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each layer
     cpu_offload: bool = False
     precision: str = "auto"  # auto: bf16 compute on GPU, fp32 on CPU
+    kernels: str = "auto"  # our Triton kernels: auto (on CUDA where they run), on, off
     skip_bad_records: bool = False
     resume: bool = False
     dry_run: bool = False
@@ -131,6 +147,8 @@ class TrainConfig:
             raise UsageError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
+        if self.kernels not in KERNELS:
+            raise UsageError(f"--kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}.")
         if not self.dry_run and (self.world_size is not None or self.device_memory is not None):
             raise UsageError("--world-size and --device-memory only plan (--dry-run); a real run takes its world "
                              "size from torchrun and its memory from the devices it sees.")
@@ -160,15 +178,6 @@ class Sources:
     name: str  # for the default output directory: runs/dolly-<name>
 
 
-def _size_key(size: str) -> str:
-    return size.strip().lower().rsplit("/", 1)[-1].removeprefix("pythia-").removesuffix("-deduped")
-
-
-def _hub_id(size: str) -> str:
-    key = _size_key(size)
-    return f"databricks/{key}" if key.startswith("dolly-v2-") else f"EleutherAI/pythia-{key}"
-
-
 def resolve_sources(cfg: TrainConfig, *, offline: bool = False) -> Sources:
     """Work out the model config and where the weights and tokenizer come from.
 
@@ -177,10 +186,10 @@ def resolve_sources(cfg: TrainConfig, *, offline: bool = False) -> Sources:
     FileNotFoundError and ValueError (bad config.json) through for the caller to word.
     """
     preset = ModelConfig.from_size(cfg.size) if cfg.size else None
-    init = cfg.init or _hub_id(cfg.size)
-    name = _size_key(cfg.size) if cfg.size else os.path.basename(os.path.normpath(init))
+    init = cfg.init or hub_id(cfg.size)
+    name = size_key(cfg.size) if cfg.size else os.path.basename(os.path.normpath(init))
     if init == "scratch":
-        return Sources(preset, "scratch", cfg.tokenizer or _hub_id(cfg.size), name)
+        return Sources(preset, "scratch", cfg.tokenizer or hub_id(cfg.size), name)
     if offline and not os.path.isdir(os.path.expanduser(init)):
         if preset is None:
             raise UsageError(f"--init {init} is not a local directory; pass --size to plan without downloading it.")
@@ -195,132 +204,14 @@ def resolve_sources(cfg: TrainConfig, *, offline: bool = False) -> Sources:
     return Sources(config, directory, cfg.tokenizer or directory, name)
 
 
-# ----------------------------------------------------------------- memory plan
-
-
-@dataclass
-class MemoryPlan:
-    """Bytes one rank needs, item by item, and whether they fit. `rows` are
-    (what, where: "device" | "host", bytes, formula)."""
-
-    rows: list[tuple[str, str, int, str]]
-    device_budget: int
-    host_budget: int
-    device_name: str
-    header: str
-    skip_sync: bool
-    note: str = ""
-
-    def total(self, where: str) -> int:
-        return sum(b for _, w, b, _ in self.rows if w == where)
-
-    @property
-    def fits(self) -> bool:
-        return self.total("device") <= self.device_budget and self.total("host") <= self.host_budget
-
-    def __str__(self) -> str:
-        lines = [self.header, f"{'':2}{'per rank':<44}{'GiB':>9}  {'where':<7}formula"]
-        for what, where, nbytes, formula in self.rows:
-            lines.append(f"{'':2}{what:<44}{nbytes / GiB:>9.2f}  {where:<7}{formula}")
-        for where, budget in (("device", self.device_budget), ("host", self.host_budget)):
-            if self.total(where) or where == "device":
-                verdict = "fits" if self.total(where) <= budget else "DOES NOT FIT"
-                lines.append(f"  total on {where if where == 'host' else self.device_name}: "
-                             f"{self.total(where) / GiB:.2f} GiB of {budget / GiB:.2f} GiB usable -> {verdict}")
-        if self.note:
-            lines.append(f"  {self.note}")
-        return "\n".join(lines)
-
-
-def _host_memory() -> int:
-    """Bytes of RAM this machine can give (MemAvailable), shared by its local ranks."""
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def plan_memory(config: ModelConfig, cfg: TrainConfig, world_size: int, seq_len: int | None = None) -> MemoryPlan:
-    """The per-rank memory of a run with these options (docs/training.md derives each formula).
-
-    P parameters, N ranks, L layers, C hidden, V vocab, a bytes per compute element
-    (2 bf16, 4 fp32), t = micro-batch x sequence tokens. FSDP keeps fp32 shards of
-    parameters (4P/N), gradients (4P/N) and AdamW's two moments (8P/N); while a unit runs
-    it holds its unsharded parameters and their gradients in compute dtype. A layer stores
-    about 18·C·t activation elements for backward (LN inputs/outputs, q/k/v, attention
-    output, the 4C MLP hidden before and after GELU); the head stores logits plus fp32
-    log-probabilities and their gradient, t·V·(a+8) bytes.
-
-    `seq_len`: the longest example (a real run knows it); default --max-length.
-    The device budget is 95% of one GPU (or --device-memory GiB), or of this machine's
-    available RAM split over its local ranks when computing on CPU.
-    """
-    cuda = torch.cuda.is_available() and cfg.device_memory is None
-    gpu = cuda or cfg.device_memory is not None
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and gpu)
-    a = 2 if bf16 else 4
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    host = _host_memory() // local_ranks
-    if cfg.device_memory is not None:
-        device_bytes, device_name = int(cfg.device_memory * GiB), f"a {cfg.device_memory:g} GiB GPU"
-    elif cuda:
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        device_bytes, device_name = props.total_memory, f"{props.name} ({props.total_memory / GiB:.1f} GiB)"
-    else:
-        device_bytes, device_name = host, f"CPU RAM ({host / GiB:.1f} GiB available to each of {local_ranks} local rank(s))"
-
-    P, N, L = config.num_params(), world_size, config.num_layers
-    C, V = config.hidden_size, config.vocab_size
-    per_layer = (P - 2 * V * C - 2 * C) // L
-    root = P - L * per_layer
-    T = min(seq_len or cfg.max_length, cfg.max_length)
-    t = cfg.micro_batch_size * T
-    accumulation = cfg.global_batch_size // max(1, cfg.micro_batch_size * N)
-    state_where = "host" if cfg.cpu_offload else "device"
-    act = "a·t·C·(L + 18)" if cfg.activation_checkpointing else "18·a·t·C·L"
-    act_bytes = a * t * C * (L + 18) if cfg.activation_checkpointing else 18 * a * t * C * L
-    # One fp32 rank trains the plain module (`needs_fsdp`): whole fp32 tensors, no unsharded
-    # copies, and gradients that accumulate in place.
-    fsdp = needs_fsdp(N, torch.bfloat16 if bf16 else None, cfg.cpu_offload)
-    kind = "fp32 shards" if fsdp else "fp32, whole"
-    rows = [
-        (f"parameters ({kind})", state_where, 4 * P // N, "4·P/N"),
-        (f"gradients ({kind})", state_where, 4 * P // N, "4·P/N"),
-        (f"AdamW exp_avg + exp_avg_sq ({kind})", state_where, 8 * P // N, "8·P/N"),
-        *([("unsharded root + 2 layers, params + grads", "device", 2 * a * (root + 2 * per_layer),
-            "2·a·(2·V·C + 2·P_layer)")] if fsdp else []),
-        (f"activations, {'checkpointed ' if cfg.activation_checkpointing else ''}layers", "device", act_bytes, act),
-        ("activations, logits + loss", "device", t * V * (a + 8), "t·V·(a + 8)"),
-        ("CUDA context, allocator slack" if gpu else "runtime (libraries, buffers)", "device", GiB if gpu else GiB // 2, "1 GiB" if gpu else "0.5 GiB"),
-    ]
-    budget = int(0.95 * device_bytes)
-    header = (f"Memory plan: pythia shape {L} layers x {C} wide, P = {P / 1e9:.2f}B parameters, "
-              f"N = {N} rank(s), {'bf16' if bf16 else 'fp32'} compute (a = {a}), micro-batch {cfg.micro_batch_size} "
-              f"x {T} tokens (t = {t}), activation checkpointing {'on' if cfg.activation_checkpointing else 'off'}, "
-              f"CPU offload {'on' if cfg.cpu_offload else 'off'}, FSDP {'on' if fsdp else 'off (one fp32 rank)'}")
-    plan = MemoryPlan(rows, budget, int(0.95 * host), device_name, header, skip_sync=False)
-    if cfg.global_batch_size % (cfg.micro_batch_size * N):
-        plan.note = (f"note: --global-batch-size {cfg.global_batch_size} is not a multiple of --micro-batch-size "
-                     f"{cfg.micro_batch_size} x {N} ranks, so a real run would refuse it")
-    elif accumulation > 1 and not fsdp:
-        plan.note = f"gradients accumulate in place over {accumulation} micro-batches"
-    elif accumulation > 1:
-        # Skipping the reduce-scatter on all but the last micro-batch is faster but keeps a
-        # whole unsharded fp32 gradient per rank until then; take it only where it fits.
-        extra = ("unsharded gradients while accumulating (no sync)", state_where, 4 * P, "4·P")
-        trial = dataclasses.replace(plan, rows=rows + [extra])
-        if trial.fits:
-            plan = dataclasses.replace(trial, skip_sync=True,
-                                       note=f"gradient sync: on the last of {accumulation} micro-batches only")
-        else:
-            plan.note = (f"gradient sync: reduce-scatter after each of {accumulation} micro-batches "
-                         f"(skipping it would need {4 * P / GiB:.1f} GiB more)")
-    return plan
-
-
 # ----------------------------------------------------------- model & optimizer
+
+
+def kernels_can_run(device: torch.device) -> bool:
+    """Whether our Triton kernels (kernels/) can run on `device` in this process."""
+    import kernels
+
+    return kernels.available()  # where kernels.available takes the device, pass it `device`
 
 
 def build_model(sources: Sources, cfg: TrainConfig, device: torch.device, compute_dtype) -> GPTNeoX:
@@ -334,10 +225,11 @@ def build_model(sources: Sources, cfg: TrainConfig, device: torch.device, comput
         from disk only as it is broadcast;
     scratch: rank 0 builds the model on CPU with GPT-NeoX's init, seeded by --seed, so the
         starting weights are the same whatever the world size (4·P bytes of host RAM on rank 0).
-    Raises UsageError (on every rank) when rank 0 cannot read the checkpoint.
+    --kernels sets `GPTNeoX.use_kernels`. Raises UsageError (on every rank) when rank 0
+    cannot read the checkpoint.
     """
     with torch.device("meta"):
-        model = GPTNeoX(sources.config)
+        model = GPTNeoX(sources.config, use_kernels=KERNELS[cfg.kernels])
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.compile:
@@ -363,14 +255,21 @@ def build_model(sources: Sources, cfg: TrainConfig, device: torch.device, comput
     return model
 
 
+def _broadcast(obj):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def build_optimizer(model, cfg: TrainConfig, total_steps: int):
-    """AdamW with Dolly's betas/eps (HF defaults) and no weight decay on biases and LayerNorm
-    weights (every 1-D parameter), fused, and the LambdaLR schedule: linear warmup over
-    --warmup-steps (step s uses lr·(s+1)/warmup), then constant, cosine or linear decay to 0
-    at the last step."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW over the parameters that train (`requires_grad`), with Dolly's betas/eps (HF
+    defaults) and no weight decay on biases and LayerNorm weights (every 1-D parameter),
+    fused, and the LambdaLR schedule: linear warmup over --warmup-steps (step s uses
+    lr·(s+1)/warmup), then constant, cosine or linear decay to 0 at the last step.
+    Returns (optimizer, scheduler)."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trained if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0}]
     # fused: one kernel for the whole update instead of a loop over tensors (CUDA and CPU alike)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
@@ -395,13 +294,15 @@ def loss_sum(model, batch: dict, device: torch.device) -> torch.Tensor:
 
     The prediction at position t is scored against token t+1, so the labels are shifted left
     (padded with IGNORE_INDEX) rather than the logits sliced. Only positions with a target are
-    unembedded (`keep`): the prompt and the padding never reach the (C -> V) matmul.
+    unembedded (`keep`): the prompt and the padding never reach the (C -> V) matmul. The
+    target rows are picked where the batch is (the host, from `collate`), so picking them
+    does not wait for the GPU.
     """
     input_ids = batch["input_ids"].to(device, non_blocking=True)
-    targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX).to(device, non_blocking=True)  # (B, T)
-    keep = targets != IGNORE_INDEX  # (B, T)
-    logits = model(input_ids, keep=keep)  # (N, V), N = target tokens
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    labels = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
+    keep = labels != IGNORE_INDEX  # (B, T)
+    logits = model(input_ids, keep=keep.to(device, non_blocking=True))  # (N, V), N = target tokens
+    return F.cross_entropy(logits.float(), labels[keep].to(device, non_blocking=True), reduction="sum")
 
 
 @torch.no_grad()
@@ -430,137 +331,41 @@ def evaluate(model, examples, micro_batch_size: int, pad_id: int, device) -> flo
     return (totals[0] / totals[1]).item()
 
 
-# ----------------------------------------------------------------- checkpoints
-
-
-def _broadcast(obj):
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def checkpoint_dirs(out: str) -> list[str]:
-    """Complete checkpoints under <out>/checkpoints, oldest first (a `.tmp` is an
-    interrupted save and never counts)."""
-    root = os.path.join(out, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    names = [n for n in os.listdir(root) if n.startswith("step-") and n[5:].isdigit()]
-    return [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[5:]))]
-
-
-def _train_state(step, scheduler, sampler) -> dict:
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    return {"train": {"step": step, "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict()},
-            f"rng.rank{dist.get_rank()}": rng}
-
-
-def save_checkpoint(out: str, step: int, model, optimizer, scheduler, sampler, keep: int) -> str:
-    """Write a sharded DCP checkpoint of everything a resume needs: model and optimizer
-    shards, scheduler, step, the sampler's position and each rank's RNG state.
-
-    All ranks write into step-XXXXXXXX.tmp; after a barrier rank 0 renames it into place and
-    deletes all but the newest `keep`. A crash mid-save leaves only a .tmp behind, which
-    resume ignores, so the previous checkpoint stays the latest good one. Returns the path.
-    """
-    final = os.path.join(out, "checkpoints", f"step-{step:08d}")
-    tmp = final + ".tmp"
-    if dist.get_rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state, **_train_state(step, scheduler, sampler)},
-             checkpoint_id=tmp)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(out)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
-
-
-def load_checkpoint(path: str, model, optimizer, scheduler, sampler) -> int:
-    """Restore a checkpoint written by `save_checkpoint` (any world size; RNG states only
-    where the rank existed before). Returns the step it was taken after. Raises ValueError
-    when the sampler's data, seed or global batch size differ from the checkpoint's."""
-    model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optim_state, **_train_state(0, scheduler, sampler)}
-    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    rng_key = f"rng.rank{dist.get_rank()}"
-    if not any(k.startswith(rng_key + ".") for k in saved):
-        del state[rng_key]
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-    scheduler.load_state_dict(state["train"]["scheduler"])
-    sampler.load_state_dict(state["train"]["sampler"])
-    if rng_key in state:
-        torch.set_rng_state(state[rng_key]["cpu"])
-        if "cuda" in state[rng_key] and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state[rng_key]["cuda"])
-    return int(state["train"]["step"])
-
-
 def save_final(directory: str, model, tokenizer, dtype: torch.dtype) -> None:
-    """Gather the full weights onto rank 0 (one tensor at a time, into host memory) and
-    write them with the tokenizer in Hugging Face format."""
+    """Gather the full weights onto rank 0 (one tensor at a time, into host memory: 4·P
+    bytes) and write them in `dtype` with the tokenizer in Hugging Face format."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
-        save_model(model, directory, state_dict={k: v.to(dtype) for k, v in full.items()})
+        for k in full:  # in place: each fp32 tensor is freed as its copy is made
+            full[k] = full[k].to(dtype)
+        save_model(model, directory, state_dict=full)
         tokenizer.save(directory)
     dist.barrier()
 
 
-# --------------------------------------------------------------------- metrics
+# ------------------------------------------------------------------------ setup
 
 
-def _read_metrics(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+@dataclass
+class Run:
+    """What the loop's rooms share: built by `setup`, advanced by `train_step`."""
 
-
-def plot_loss(metrics_path: str, png_path: str) -> bool:
-    """Draw training and validation loss from metrics.jsonl. Returns False (and draws
-    nothing) when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    rows = _read_metrics(metrics_path)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    train_rows = [r for r in rows if "loss" in r]
-    val_rows = [r for r in rows if "val_loss" in r]
-    ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train")
-    ax.plot([r["step"] for r in val_rows], [r["val_loss"] for r in val_rows], "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (mean over target tokens)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def _peak_memory(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / GiB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB  # Linux: KiB
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-# ------------------------------------------------------------------------ train
+    cfg: TrainConfig
+    env: Distributed
+    sources: Sources
+    tokenizer: Tokenizer
+    train_set: list[Example]
+    val_set: list[Example]
+    sampler: BatchSampler
+    plan: MemoryPlan
+    out: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    compute_dtype: torch.dtype | None  # None: compute in the fp32 parameters
+    total_steps: int
+    metrics: MetricsLog
+    step: int = 0  # optimizer steps taken
 
 
 def dry_run(cfg: TrainConfig) -> MemoryPlan:
@@ -574,26 +379,25 @@ def dry_run(cfg: TrainConfig) -> MemoryPlan:
     return plan_memory(sources.config, cfg, cfg.world_size or int(os.environ.get("WORLD_SIZE", 1)))
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run the whole fine-tuning described by `cfg`; returns a summary dict
-    {"steps", "loss", "val_loss", "final"}.
-
-    Raises UsageError for anything the user can fix (flags, files, an offline Hub, a plan
-    that does not fit in memory) and TrainingStopped for a non-finite loss.
-    """
-    cfg.validate()
-    created = not dist.is_initialized()
-    env = init_distributed(cpu_offload=cfg.cpu_offload)
-    try:
-        return _train(cfg, env)
-    finally:
-        if created and dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def _say(env, *lines) -> None:
     if env.is_main:
         print(*lines, sep="\n", flush=True)
+
+
+def _check_options(cfg: TrainConfig, env: Distributed) -> torch.dtype | None:
+    """Refuse option combinations this machine cannot run, before any work; returns the
+    compute dtype (bf16, or None for the fp32 parameters' own)."""
+    if cfg.cpu_offload and env.device.type != "cuda":
+        raise UsageError("--cpu-offload moves GPU state to the host; there is no GPU here, so drop it.")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
+    if cfg.compile and bf16 and env.device.type == "cpu":
+        # torch 2.13's inductor emits C++ that does not compile for the bf16 layer backward
+        raise UsageError("--compile with --precision bf16 fails inside torch.compile on CPU (an inductor bug); "
+                         "use one of the two.")
+    if cfg.kernels == "on" and not kernels_can_run(env.device):
+        raise UsageError(f"--kernels on: our Triton kernels cannot run on {env.device.type} here (they need triton "
+                         f"and a GPU they fit, or TRITON_INTERPRET=1 on CPU); use --kernels auto or off.")
+    return torch.bfloat16 if bf16 else None
 
 
 def _read_inputs(cfg: TrainConfig, env):
@@ -622,139 +426,181 @@ def _read_inputs(cfg: TrainConfig, env):
     return sources, tokenizer, train_set, val_set, sampler, data_stats | token_stats
 
 
-def _train(cfg: TrainConfig, env) -> dict:
-    if cfg.cpu_offload and env.device.type != "cuda":
-        raise UsageError("--cpu-offload moves GPU state to the host; there is no GPU here, so drop it.")
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and env.device.type == "cuda")
-    compute_dtype = torch.bfloat16 if bf16 else None  # None: compute in the fp32 parameters
-    if cfg.compile and bf16 and env.device.type == "cpu":
-        # torch 2.13's inductor emits C++ that does not compile for the bf16 layer backward
-        raise UsageError("--compile with --precision bf16 fails inside torch.compile on CPU (an inductor bug); "
-                         "use one of the two.")
+def setup(cfg: TrainConfig, env: Distributed) -> Run:
+    """Everything before the first step, in the order that fails cheapest first: the options,
+    the inputs, the resume policy (`resume_from`), the memory plan (a plan that does not
+    fit stops here, printing it), the banner, the model and optimizer, the checkpoint to
+    continue from, train_config.json and metrics.jsonl. Raises UsageError."""
+    compute_dtype = _check_options(cfg, env)
     torch.manual_seed(cfg.seed)
-
     sources, tokenizer, train_set, val_set, sampler, stats = _read_inputs(cfg, env)
-    lengths = sampler.lengths
-
     out = cfg.out or os.path.join("runs", f"dolly-{sources.name}")
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    existing = checkpoint_dirs(out)
-    if cfg.resume and not existing:
-        raise UsageError(f"--resume: {out}/checkpoints holds no checkpoint; start without --resume.")
-    if not cfg.resume and existing:
-        raise UsageError(f"{out} holds checkpoints of an earlier run; pass --resume to continue it, "
-                         f"or another --out (or delete the directory) to start afresh.")
+    try:
+        resume_path = resume_from(out, cfg.resume)
+    except ResumeError as e:
+        raise UsageError(str(e)) from None
 
-    steps_per_epoch = sampler.steps_per_epoch
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    total_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
     accumulation = cfg.global_batch_size // (cfg.micro_batch_size * env.world_size)
-    plan = plan_memory(sources.config, cfg, env.world_size, seq_len=max(lengths))
+    plan = plan_memory(sources.config, cfg, env.world_size, seq_len=max(sampler.lengths))
     if not plan.fits:
         _say(env, str(plan))
         raise UsageError(f"This run does not fit in memory (plan above); try --activation-checkpointing, a smaller "
                          f"--micro-batch-size or --max-length, more ranks{', or --cpu-offload' if env.device.type == 'cuda' else ''}.")
-
-    P = sources.config.num_params()
     _say(env,
          f"model: {sources.init if sources.init == 'scratch' else 'from ' + sources.init} "
-         f"({P / 1e6:.1f}M parameters), tokenizer {sources.tokenizer}",
+         f"({sources.config.num_params() / 1e6:.1f}M parameters), tokenizer {sources.tokenizer}",
          f"data: {stats['path']}: {stats['records']} records -> {stats['examples']} examples "
          f"({stats['too_long']} longer than {cfg.max_length} tokens dropped), {len(train_set)} train / "
          f"{len(val_set)} validation",
-         f"ranks: {env.world_size} x {env.device.type}, {'bf16' if bf16 else 'fp32'} compute; global batch "
+         f"ranks: {env.world_size} x {env.device.type}, {'bf16' if compute_dtype else 'fp32'} compute; global batch "
          f"{cfg.global_batch_size} = {accumulation} micro-batches of {cfg.micro_batch_size} x {env.world_size} "
-         f"rank(s); {total_steps} steps ({steps_per_epoch} per epoch)",
+         f"rank(s); {total_steps} steps ({sampler.steps_per_epoch} per epoch)",
          f"memory: {plan.total('device') / GiB:.2f} GiB per rank planned on {plan.device_name}; {plan.note or 'no accumulation'}",
          f"output: {out}")
 
     model = build_model(sources, cfg, env.device, compute_dtype)
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
-    step = 0
-    if cfg.resume:
+    run = Run(cfg=cfg, env=env, sources=sources, tokenizer=tokenizer, train_set=train_set, val_set=val_set,
+              sampler=sampler, plan=plan, out=out, model=model, optimizer=optimizer, scheduler=scheduler,
+              compute_dtype=compute_dtype, total_steps=total_steps,
+              metrics=MetricsLog(os.path.join(out, "metrics.jsonl"), env.is_main))
+    if resume_path:
         try:
-            step = load_checkpoint(existing[-1], model, optimizer, scheduler, sampler)
-        except ValueError as e:
-            raise UsageError(f"--resume from {existing[-1]}: {e}") from None
-        _say(env, f"resumed from {existing[-1]} after step {step}")
+            run.step = load_checkpoint(resume_path, model, optimizer, scheduler, sampler)
+        except ResumeError as e:
+            raise UsageError(str(e)) from None
+        _say(env, f"resumed from {resume_path} after step {run.step}")
     if env.is_main:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "train_config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
-        # Rows after the checkpoint belong to steps that will now be run again.
-        rows = [r for r in _read_metrics(metrics_path) if r["step"] <= step] if cfg.resume else []
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+    run.metrics.start(run.step if resume_path else None)
+    return run
 
-    def log(row: dict) -> None:
-        if env.is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
 
-    val_loss = None
-    if step == 0 and val_set:
-        val_loss = evaluate(model, val_set, cfg.micro_batch_size, tokenizer.pad_id, env.device)
-        log({"step": 0, "val_loss": val_loss})
-        _say(env, f"step 0/{total_steps} | val_loss {val_loss:.4f}")
+# ------------------------------------------------------------------------ the loop
 
-    mb = cfg.micro_batch_size
-    batches = iter(sampler)
-    loss, started, timed_steps = float("nan"), time.perf_counter(), 0
-    while step < total_steps:
-        t0 = time.perf_counter()
-        batch = next(batches)
-        n_targets = count_targets([train_set[i] for i in batch.global_indices])
-        total = torch.zeros((), dtype=torch.float64, device=env.device)
-        for j, indices in enumerate(batch.micro_batches):
-            if hasattr(model, "set_requires_gradient_sync"):  # an FSDP module
-                model.set_requires_gradient_sync(j == len(batch.micro_batches) - 1 or not plan.skip_sync)
-            micro = loss_sum(model, collate([train_set[i] for i in indices], tokenizer.pad_id), env.device) / n_targets
-            micro.backward()
-            total += micro.detach()
-        dist.all_reduce(total)
-        loss = total.item()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or math.inf)
-        grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
-        if not math.isfinite(loss) or not math.isfinite(grad_norm):
-            last = checkpoint_dirs(out)
-            what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
-            raise TrainingStopped(f"The {what} at step {step + 1}; stopping without updating the weights. "
-                                  f"The last checkpoint ({last[-1] if last else 'none yet'}) is intact; "
-                                  f"try a lower --lr.")
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
 
-        elapsed = time.perf_counter() - t0
-        timed_steps += 1
-        if step % cfg.log_every == 0 or step == total_steps:
-            tokens = sum(lengths[i] for i in batch.global_indices)
-            pad = padding_fraction([batch.global_indices[i : i + mb] for i in range(0, len(batch.global_indices), mb)], lengths)
-            eta = (time.perf_counter() - started) / timed_steps * (total_steps - step)
-            mem = _peak_memory(env.device)
-            log({"step": step, "epoch": batch.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                 "tokens_per_s": tokens / elapsed, "padding": pad, "mem_gib": mem})
-            _say(env, f"step {step}/{total_steps} | loss {loss:.4f} | lr {lr:.2e} | {tokens / elapsed:,.0f} tok/s | "
-                      f"pad {100 * pad:.0f}% | mem {mem:.2f} GiB | eta {_duration(eta)}")
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and val_set:
-            val_loss = evaluate(model, val_set, cfg.micro_batch_size, tokenizer.pad_id, env.device)
-            log({"step": step, "val_loss": val_loss})
-            _say(env, f"step {step}/{total_steps} | val_loss {val_loss:.4f}")
-        if cfg.save_every and step % cfg.save_every == 0:
-            path = save_checkpoint(out, step, model, optimizer, scheduler, sampler, cfg.keep_checkpoints)
-            _say(env, f"saved {path}")
-        if cfg.stop_after_step == step:
-            sys.stdout.flush()
-            os._exit(3)  # a crash, as far as the run can tell: no cleanup, no final save
+@dataclass
+class StepResult:
+    """What one optimizer step reports, on the host."""
 
-    if val_set:
-        val_loss = evaluate(model, val_set, cfg.micro_batch_size, tokenizer.pad_id, env.device)
-        log({"step": step, "val_loss": val_loss})
-        _say(env, f"step {step}/{total_steps} | val_loss {val_loss:.4f}")
-    final = os.path.join(out, "final")
-    save_final(final, model, tokenizer, compute_dtype or torch.float32)
-    _say(env, f"saved {final} (Hugging Face format)")
-    if env.is_main and not plot_loss(metrics_path, os.path.join(out, "loss.png")):
+    loss: float  # token-mean loss of the global batch
+    grad_norm: float  # before clipping
+    lr: float  # the rate the step used
+
+
+def train_step(run: Run, batch: Step) -> StepResult:
+    """One optimizer step on one global batch (`batch`: this rank's micro-batches of it).
+
+    Forward and backward of each micro-batch (gradients accumulate; FSDP reduce-scatters on
+    the last, or after each when the plan cannot afford an unsharded gradient), the loss
+    summed over ranks, the gradient norm clipped to --max-grad-norm, AdamW and the schedule
+    stepped. The loss and the gradient norm come to the host together, the step's one host
+    sync, so that a non-finite value stops the run before it reaches the weights: raises
+    TrainingStopped then, with the weights unchanged.
+    """
+    model, device = run.model, run.env.device
+    n_targets = count_targets([run.train_set[i] for i in batch.global_indices])
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for j, indices in enumerate(batch.micro_batches):
+        if hasattr(model, "set_requires_gradient_sync"):  # an FSDP module
+            model.set_requires_gradient_sync(j == len(batch.micro_batches) - 1 or not run.plan.skip_sync)
+        micro = loss_sum(model, collate([run.train_set[i] for i in indices], run.tokenizer.pad_id), device) / n_targets
+        micro.backward()
+        total += micro.detach()
+    dist.all_reduce(total)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg.max_grad_norm or math.inf)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
+    # The one sync. Under --cpu-offload the gradients, so their norm, are on the host.
+    loss, grad_norm = torch.stack([total.to(norm.device), norm.double()]).tolist()
+    if not math.isfinite(loss) or not math.isfinite(grad_norm):
+        last = checkpoint_dirs(run.out)
+        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+        raise TrainingStopped(f"The {what} at step {run.step + 1}; stopping without updating the weights. "
+                              f"The last checkpoint ({last[-1] if last else 'none yet'}) is intact; "
+                              f"try a lower --lr.")
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return StepResult(loss, grad_norm, lr)
+
+
+def _evaluate(run: Run) -> float | None:
+    """Validation loss now: a metrics row and a progress line. None without a validation set."""
+    if not run.val_set:
+        return None
+    val_loss = evaluate(run.model, run.val_set, run.cfg.micro_batch_size, run.tokenizer.pad_id, run.env.device)
+    run.metrics.write({"step": run.step, "val_loss": val_loss})
+    _say(run.env, f"step {run.step}/{run.total_steps} | val_loss {val_loss:.4f}")
+    return val_loss
+
+
+def after_step(run: Run, batch: Step, result: StepResult, seconds: float, eta: float) -> None:
+    """What follows a step, each at its own cadence: the metrics row and progress line
+    (--log-every, and the last step), evaluation (--eval-every, except the last step, which
+    `finish` evaluates), a checkpoint (--save-every). `seconds`: the step's wall time; `eta`:
+    seconds left. Nothing here waits for the device except evaluation and saving."""
+    cfg, step = run.cfg, run.step
+    if step % cfg.log_every == 0 or step == run.total_steps:
+        lengths, mb = run.sampler.lengths, cfg.micro_batch_size
+        tokens = sum(lengths[i] for i in batch.global_indices)
+        pad = padding_fraction([batch.global_indices[i : i + mb] for i in range(0, len(batch.global_indices), mb)], lengths)
+        mem = peak_memory(run.env.device)
+        run.metrics.write({"step": step, "epoch": batch.epoch, "loss": result.loss, "lr": result.lr,
+                           "grad_norm": result.grad_norm, "tokens_per_s": tokens / seconds, "padding": pad,
+                           "mem_gib": mem})
+        _say(run.env, f"step {step}/{run.total_steps} | loss {result.loss:.4f} | lr {result.lr:.2e} | "
+                      f"{tokens / seconds:,.0f} tok/s | pad {100 * pad:.0f}% | mem {mem:.2f} GiB | eta {duration(eta)}")
+    if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total_steps:
+        _evaluate(run)
+    if cfg.save_every and step % cfg.save_every == 0:
+        path = save_checkpoint(run.out, step, run.model, run.optimizer, run.scheduler, run.sampler, cfg.keep_checkpoints)
+        _say(run.env, f"saved {path}")
+    if cfg.stop_after_step == step:
+        sys.stdout.flush()
+        os._exit(3)  # a crash, as far as the run can tell: no cleanup, no final save
+
+
+def finish(run: Run, last: StepResult | None) -> dict:
+    """The last evaluation, final/ in Hugging Face format (in the compute dtype) and
+    loss.png. Returns the summary `train` returns."""
+    val_loss = _evaluate(run)
+    final = os.path.join(run.out, "final")
+    save_final(final, run.model, run.tokenizer, run.compute_dtype or torch.float32)
+    _say(run.env, f"saved {final} (Hugging Face format)")
+    if run.env.is_main and not plot_loss(run.metrics.path, os.path.join(run.out, "loss.png")):
         print("note: matplotlib is not installed, so no loss.png (pip install matplotlib)", flush=True)
-    return {"steps": step, "loss": loss, "val_loss": val_loss, "final": final}
+    return {"steps": run.step, "loss": last.loss if last else float("nan"), "val_loss": val_loss, "final": final}
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run the whole fine-tuning described by `cfg`; returns a summary dict
+    {"steps", "loss", "val_loss", "final"}.
+
+    Raises UsageError for anything the user can fix (flags, files, an offline Hub, a plan
+    that does not fit in memory) and TrainingStopped for a non-finite loss.
+    """
+    cfg.validate()
+    created = not dist.is_initialized()
+    env = init_distributed(cpu_offload=cfg.cpu_offload)
+    try:
+        run = setup(cfg, env)
+        if run.step == 0:
+            _evaluate(run)
+        batches, last = iter(run.sampler), None
+        started, first = time.perf_counter(), run.step
+        while run.step < run.total_steps:
+            t0 = time.perf_counter()
+            batch = next(batches)
+            last = train_step(run, batch)
+            now = time.perf_counter()
+            eta = (now - started) / (run.step - first) * (run.total_steps - run.step)
+            after_step(run, batch, last, now - t0, eta)
+        return finish(run, last)
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()

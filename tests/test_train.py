@@ -15,13 +15,27 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
 from conftest import DOLLY_RECORDS, REPO, TOKENIZER_JSON, make_hf_checkpoint
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from minidolly import load_model, load_tokenizer
-from minidolly.config import ModelConfig
-from minidolly.data import collate, load_records, tokenize_records
-from minidolly.train import TrainConfig, TrainingStopped, UsageError, dry_run, loss_sum, plan_memory, train
+from minidolly import load_model, load_tokenizer, resume
+from minidolly.config import ModelConfig, hub_id, size_key
+from minidolly.data import BatchSampler, collate, load_records, tokenize_records
+from minidolly.memory import plan_memory
+from minidolly.parallel import init_distributed
+from minidolly.train import (
+    TrainConfig,
+    TrainingStopped,
+    UsageError,
+    build_model,
+    build_optimizer,
+    dry_run,
+    loss_sum,
+    resolve_sources,
+    train,
+)
 
 spec = importlib.util.spec_from_file_location("train_cli", REPO / "train.py")
 cli = importlib.util.module_from_spec(spec)
@@ -65,12 +79,22 @@ def exit_code(argv):
         return e.code
 
 
-def run_cli(*args, env_extra=None, torchrun=False):
+def run_cli(*args, env_extra=None, torchrun=False, nproc=2):
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun \
-        else [sys.executable]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
+        if torchrun else [sys.executable]
     return subprocess.run([*launcher, str(REPO / "train.py"), *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
+
+
+@pytest.fixture
+def one_rank():
+    """A one-rank process group for calling the loop's pieces directly (train() makes its own)."""
+    created = not dist.is_initialized()
+    init_distributed()
+    yield
+    if created:
+        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -212,17 +236,19 @@ def test_dry_run_plans_12b_on_eight_ranks():
     r = run_cli("--size", "12b", "--dry-run", "--world-size", "8")
     assert r.returncode == 0, r.stderr
     assert "Memory plan" in r.stdout and "N = 8 rank(s)" in r.stdout and "AdamW" in r.stdout
+    assert "not counted: writing final/" in r.stdout and "4·P = 44.13 GiB" in r.stdout  # rank 0's host RAM
 
     config = ModelConfig.from_size("12b")
     plan = dry_run(TrainConfig(size="12b", dry_run=True, world_size=8, device_memory=80, activation_checkpointing=True))
     assert plan.rows[0][2] == 4 * config.num_params() // 8  # fp32 parameter shards
     assert plan.fits, str(plan)
+    assert "not counted: NCCL's own buffers" in str(plan)  # planned for a GPU
     no_shard = dry_run(TrainConfig(size="12b", dry_run=True, world_size=1, device_memory=80))
     assert not no_shard.fits and "DOES NOT FIT" in str(no_shard)
 
 
 def test_a_run_that_cannot_fit_stops_with_the_plan(tiny, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("minidolly.train._host_memory", lambda: 2**26)  # 64 MiB of RAM
+    monkeypatch.setattr("minidolly.memory.host_memory", lambda: 2**26)  # 64 MiB of RAM
     with pytest.raises(UsageError, match="does not fit"):
         train(cli.parse_args(common(tiny, tmp_path)))
     assert "DOES NOT FIT" in capsys.readouterr().out
@@ -249,6 +275,7 @@ def test_nan_loss_stops_at_the_step_and_keeps_the_checkpoint(tiny, tmp_path, cap
     (["--size", "14m", "--world-size", "8"], "--dry-run"),
     (["--size", "14m", "--schedule", "steep"], "--schedule"),
     (["--size", "14m", "--compile", "--precision", "bf16"], "--compile"),
+    (["--size", "14m", "--kernels", "maybe"], "--kernels"),
     (["--size", "14m", "--init", "scratch", "--data", "/no/such.jsonl"], "--tokenizer"),  # the Hub is offline
 ])
 def test_bad_flags_exit_2_with_one_line(argv, words, capsys, monkeypatch):
@@ -288,12 +315,20 @@ def test_plan_arithmetic():
     assert plan["AdamW exp_avg + exp_avg_sq (fp32 shards)"] == 8 * P // 2
     assert plan["activations, layers"] == 18 * 4 * (2 * 512) * 512 * 6
     assert plan["activations, logits + loss"] == (2 * 512) * 50304 * (4 + 8)
-    # one fp32 rank trains without FSDP: whole tensors, no unsharded copies
+    # FSDP's flat collective buffers: the root's fp32 reduce-scatter input (the largest unit),
+    # one layer's all-gather output in the compute dtype
+    root = 2 * 50304 * 512 + 2 * 512
+    assert plan["reduce-scatter input (fp32), largest unit"] == 4 * root
+    assert plan["all-gather output (compute dtype), one layer"] == 4 * (P - root) // 6
+    # one fp32 rank trains without FSDP: whole tensors, no unsharded copies, no collectives
     one = {what: nbytes for what, _, nbytes, _ in plan_memory(config, cfg, world_size=1).rows}
     assert one["parameters (fp32, whole)"] == 4 * P
-    assert not any(what.startswith("unsharded") for what in one)
+    assert not any(what.startswith(("unsharded", "reduce-scatter", "all-gather")) for what in one)
     bf16 = dataclasses.replace(cfg, precision="bf16")  # FSDP again, for mixed precision
-    assert any(what.startswith("unsharded") for what, *_ in plan_memory(config, bf16, world_size=1).rows)
+    rows = [what for what, *_ in plan_memory(config, bf16, world_size=1).rows]
+    assert any(what.startswith("unsharded") for what in rows)
+    assert any(what.startswith("reduce-scatter") for what in rows)  # even on one rank
+    assert not any(what.startswith("all-gather") for what in rows)  # one rank gathers nothing
 
 
 @pytest.mark.parametrize("cuda, offload, backend", [
@@ -312,3 +347,156 @@ def test_process_group_backend(cuda, offload, backend, monkeypatch):
     monkeypatch.setattr(parallel.dist, "get_world_size", lambda: 1)
     parallel.init_distributed(cpu_offload=offload)
     assert chosen == [backend]
+
+
+def test_one_host_sync_per_step(tiny, tmp_path, monkeypatch):
+    # Reading a tensor's value on the host (.item(), float(), bool(), .tolist()) waits for the
+    # GPU to finish everything queued. A step reads once: the loss and the gradient norm
+    # together, to stop before a non-finite value reaches the weights. Counted on CPU as the
+    # difference between a 5-step and a 2-step run, so setup, the last step and the final
+    # save cancel out.
+    syncs = 0
+
+    class CountReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal syncs
+            syncs += func is torch.ops.aten._local_scalar_dense.default  # item(), float(), bool()
+            return func(*args, **(kwargs or {}))
+
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(self):  # tolist reads the data without a dispatched op
+        nonlocal syncs
+        syncs += 1
+        return tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+
+    def run(steps):
+        nonlocal syncs
+        syncs = 0
+        with CountReads():
+            train(cli.parse_args(common(tiny, tmp_path / str(steps), "--val-size", "0", "--log-every", "100",
+                                        "--max-steps", str(steps))))
+        return syncs
+
+    assert run(5) - run(2) == 3
+
+
+def _parts(seed=0, frozen=False):
+    """A small model, its optimizer and schedule (the loop's), and a sampler."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))
+    model[0].requires_grad_(not frozen)
+    optimizer, scheduler = build_optimizer(model, TrainConfig(lr=1e-2, warmup_steps=0), total_steps=10)
+    model(torch.randn(2, 4)).square().sum().backward()
+    optimizer.step()  # so AdamW has state to save
+    scheduler.step()
+    return model, optimizer, scheduler, BatchSampler([5] * 8, 4, 2, seed=1)
+
+
+@pytest.mark.parametrize("saved_on, resumed_on", [("cpu", "cuda"), ("cuda", "cpu"), ("cuda", "cuda")])
+def test_a_checkpoint_resumes_on_another_device(saved_on, resumed_on, one_rank, tmp_path, monkeypatch):
+    # A process on a GPU also has the GPU's generator: its state is 16 bytes (seed, offset),
+    # which torch.cuda.get_rng_state returns. No GPU here, so a "cuda" process is this one with
+    # that generator mocked; a checkpoint saved on one kind of device must load on the other.
+    real_state, real_set = resume.rng_state, resume.set_rng_state
+    gpu_generator = torch.arange(16, dtype=torch.uint8)
+    restored = {}
+
+    def on(device):
+        if device == "cuda":
+            monkeypatch.setattr(resume, "rng_state", lambda: {**real_state(), "cuda": gpu_generator.clone()})
+        else:
+            monkeypatch.setattr(resume, "rng_state", real_state)
+
+    def set_rng(state):
+        restored.update(state)
+        real_set({k: v for k, v in state.items() if k == "cpu"})
+
+    monkeypatch.setattr(resume, "set_rng_state", set_rng)
+    on(saved_on)
+    model, optimizer, scheduler, sampler = _parts(seed=0)
+    next(iter(sampler))
+    torch.manual_seed(123)
+    path = resume.save_checkpoint(str(tmp_path), 7, model, optimizer, scheduler, sampler, keep=2)
+    expected_draw = torch.rand(5)
+
+    on(resumed_on)
+    fresh, fresh_optimizer, fresh_scheduler, fresh_sampler = _parts(seed=1)
+    assert resume.load_checkpoint(path, fresh, fresh_optimizer, fresh_scheduler, fresh_sampler) == 7
+    assert torch.equal(torch.rand(5), expected_draw)  # the CPU generator continues
+    assert set(restored) == ({"cpu", "cuda"} if saved_on == resumed_on == "cuda" else {"cpu"})
+    if "cuda" in restored:
+        assert torch.equal(restored["cuda"], gpu_generator)
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+    assert fresh_optimizer.state_dict()["state"][0]["exp_avg"].equal(optimizer.state_dict()["state"][0]["exp_avg"])
+    assert fresh_scheduler.state_dict() == scheduler.state_dict()
+    assert fresh_sampler.state_dict() == sampler.state_dict()
+
+
+def test_frozen_parameters_stay_out_of_checkpoints_and_the_optimizer(one_rank, tmp_path):
+    # What adapters (LoRA) need: only trainable parameters are optimized and saved; frozen
+    # ones come from --init again and keep their values on resume.
+    model, optimizer, scheduler, sampler = _parts(seed=0, frozen=True)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == 2  # model[1]'s weight and bias
+    path = resume.save_checkpoint(str(tmp_path), 1, model, optimizer, scheduler, sampler, keep=1)
+    saved = resume._reader(path).read_metadata().state_dict_metadata
+    assert "model.1.weight" in saved and not any(k.startswith("model.0.") for k in saved)
+
+    fresh, fresh_optimizer, fresh_scheduler, fresh_sampler = _parts(seed=1, frozen=True)
+    own = fresh[0].weight.clone()
+    resume.load_checkpoint(path, fresh, fresh_optimizer, fresh_scheduler, fresh_sampler)
+    assert torch.equal(fresh[1].weight, model[1].weight) and torch.equal(fresh[0].weight, own)
+
+
+@pytest.mark.parametrize("choice, use_kernels", [("auto", None), ("on", True), ("off", False)])
+def test_kernels_flag_sets_the_models_switch(choice, use_kernels, tiny, one_rank):
+    cfg = cli.parse_args(["--init", tiny, "--kernels", choice])
+    model = build_model(resolve_sources(cfg), cfg, torch.device("cpu"), None)
+    assert model.use_kernels is use_kernels
+
+
+def test_kernels_on_where_they_cannot_run_exits_2(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("kernels.available", lambda *args, **kwargs: False)
+    assert cli.main(common(tiny, tmp_path, "--kernels", "on")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--kernels on" in err, err
+    assert not os.path.exists(tmp_path / "metrics.jsonl")  # refused before any work
+
+
+@pytest.mark.parametrize("name, key, hub", [
+    ("70m", "70m", "EleutherAI/pythia-70m"),
+    ("EleutherAI/pythia-1.4B-deduped", "1.4b", "EleutherAI/pythia-1.4b"),
+    ("databricks/dolly-v2-3b", "dolly-v2-3b", "databricks/dolly-v2-3b"),
+])
+def test_size_names_parse_in_one_place(name, key, hub):
+    assert size_key(name) == key and hub_id(name) == hub
+    assert ModelConfig.from_size(name) == ModelConfig.from_size(key)
+
+
+@pytest.mark.cuda
+def test_one_gpu_bf16_with_every_memory_option_resumes_exactly(tmp_path):
+    # For a GPU owner (`pytest -m cuda`): the loop on one GPU through torchrun and nccl, in bf16
+    # with torch.compile, activation checkpointing and CPU offload, killed after step 3 and
+    # resumed from its step-2 checkpoint. Step 3's loss is a forward of the checkpoint's weights
+    # on the same batch, so it must come out bit for bit (a backward may use atomics; a
+    # forward does not).
+    args = ["--size", "14m", "--init", "scratch", "--tokenizer", str(TOKENIZER_JSON), "--data", str(DOLLY_RECORDS),
+            "--out", str(tmp_path), "--max-length", "256", "--val-size", "16", "--global-batch-size", "8",
+            "--micro-batch-size", "4", "--log-every", "1", "--lr", "1e-3", "--warmup-steps", "2", "--eval-every", "0",
+            "--max-steps", "4", "--save-every", "2", "--precision", "bf16", "--compile", "--activation-checkpointing",
+            "--cpu-offload"]
+    killed = run_cli(*args, "--stop-after-step", "3", torchrun=True, nproc=1)
+    assert "1 x cuda, bf16 compute" in killed.stdout, killed.stdout[-3000:] + killed.stderr[-3000:]
+    assert killed.returncode != 0 and sorted(os.listdir(tmp_path / "checkpoints")) == ["step-00000002"]
+    before = losses(tmp_path)
+    assert sorted(before) == [1, 2, 3]
+
+    resumed = run_cli(*args, "--resume", torchrun=True, nproc=1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "after step 2" in resumed.stdout
+    after = losses(tmp_path)
+    assert sorted(after) == [1, 2, 3, 4] and after[3] == before[3]
+    assert all(t.dtype == torch.bfloat16 for t in final_weights(tmp_path).values())
