@@ -173,7 +173,7 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.cos, self.sin = rotary_cos_sin(config, torch.arange(max_length, device=device), self.k[0].dtype)
         self.batch_size, self.max_length = batch_size, max_length
-        for t in self.k + self.v:
+        for t in self.k + self.v + [self.cos, self.sin]:
             torch._dynamo.mark_static_address(t)
 
     def rows(self, start: int, stop: int) -> "KVCache":

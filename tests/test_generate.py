@@ -594,7 +594,7 @@ def test_cli_refuses_to_write_its_input_file(hello_ckpt, tmp_path, capsys):
     os.link(src, tmp_path / "hard-link.jsonl")
     for out in [src, tmp_path / "sub" / ".." / "q.jsonl", tmp_path / "hard-link.jsonl"]:
         (tmp_path / "sub").mkdir(exist_ok=True)
-        assert cli_main("--model", d, "--input-file", src, "--output-file", out) == 2
+        assert cli_main("--model", d, "--max-new-tokens", "20", "--input-file", src, "--output-file", out) == 2
         assert "is the --input-file itself" in capsys.readouterr().err
         assert src.read_text() == '{"instruction": "Say hi."}\n'
 
