@@ -28,6 +28,7 @@ from minidolly.train import UsageError
 
 KERNELS = {"auto": None, "on": True, "off": False}  # --kernels -> GPTNeoX.use_kernels
 
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + message
         raise UsageError(f"{message} (see --help).")
@@ -54,7 +55,8 @@ def parse_args(argv):
                    help="minidolly's Triton kernels in the prefill: auto = on a CUDA GPU that can run them")
     p.add_argument("--interactive", action="store_true", help="answer one instruction per line until 'exit' or Ctrl-D")
     p.add_argument("--input-file", help="jsonl with 'instruction' (and optional 'context') per line")
-    p.add_argument("--output-file", help="jsonl written with each input record plus 'response'")
+    p.add_argument("--output-file", help="jsonl written with each input record plus 'response', through OUTPUT.partial "
+                        "(a stopped run resumes from it)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --input-file")
     p.add_argument("--verbose", action="store_true", help="timings on stderr")
     args = p.parse_args(argv)

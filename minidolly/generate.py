@@ -280,7 +280,10 @@ def checked_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
     Rows with bad logits are sampled from zeros instead (torch.multinomial refuses NaN); the
     caller raises before anyone reads them. Returns (tokens to feed back, tokens to read).
     """
-    nan, inf = logits.isnan().any(-1), logits.isinf().any(-1)  # (B,)
+    # One pass: a row's sum is NaN if a logit is NaN (or two infinities cancel), infinite if
+    # one is; finite logits of a sane model sum far below fp32's range.
+    total = logits.sum(-1, dtype=torch.float32)  # (B,)
+    nan, inf = total.isnan(), total.isinf()
     if temperature > 0:
         logits = logits.masked_fill((nan | inf)[:, None], 0.0)
     token = next_tokens(logits, temperature, top_k, top_p, generators)
