@@ -193,7 +193,8 @@ def decode_step(model: GPTNeoX, cache: KVCache, tokens: torch.Tensor, positions:
     Slot s's token is written at positions[s] of its row and sees that row's keys at positions
     <= positions[s]. Its shapes depend only on the cache, never on how far a row has come,
     so it compiles once (`compiled_decode_step`). A slot with no request in it is fed any
-    token at any position (0, say): its row computes garbage that nobody reads.
+    token at any position (0, say): its row computes garbage that nobody reads. Call it under
+    torch.inference_mode(), as `decode` does.
     """
     return model(tokens[:, None], positions=positions[:, None], cache=cache)[:, 0]
 

@@ -639,14 +639,18 @@ def test_cli_stopped_run_keeps_the_old_output_and_resumes(hello_ckpt, tmp_path, 
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_compiled_decode_equals_eager_with_cuda_graphs_and_one_sync_per_token(tmp_path, tokenizer, dtype):
+@pytest.mark.parametrize("weights,dtype", [("random", torch.float32), ("emoji", torch.bfloat16)])
+def test_cuda_compiled_decode_equals_eager_with_cuda_graphs_and_one_sync_per_token(
+        random_ckpt, emoji_ckpt, tokenizer, weights, dtype):
+    """fp32 random weights hold the compiled step to eager token for token; in bf16 inductor
+    keeps fused intermediates in fp32 where eager rounds them, which can flip a near-tie of
+    random weights, so bf16 runs the chain checkpoint (decisive logits) for the mechanics:
+    CUDA graphs really used, no recompiles, at most one host sync per token."""
     import warnings
 
     from torch._dynamo.utils import counters
 
-    make_hf_checkpoint(tmp_path, seed=1, **RANDOM)
-    model = load_model(tmp_path, dtype=dtype, device="cuda")
+    model = load_model((random_ckpt if weights == "random" else emoji_ckpt)[0], dtype=dtype, device="cuda")
     skips = counters["inductor"]["cudagraph_skips"]
     kw = dict(max_new_tokens=24, temperature=0)
     for instructions in [["Explain gravity."], ["Tell me a story.", PROMPTS[2][0]], [PROMPTS[1][0]]]:
@@ -661,15 +665,16 @@ def test_cuda_compiled_decode_equals_eager_with_cuda_graphs_and_one_sync_per_tok
             generate(model, tokenizer, "Name three primes.", compile=True, stats=stats, **kw)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchronizing" in str(w.message)]
-    assert len(syncs) <= stats["new_tokens"], [str(w.message) for w in syncs]
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= stats["new_tokens"], syncs
     assert counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.cuda
 def test_cuda_cli_compiled_equals_eager(random_ckpt):
     d, _, _ = random_ckpt
-    args = ["--model", d, "--device", "cuda", "--temperature", "0", "--max-new-tokens", "24", "Explain gravity."]
+    args = ["--model", d, "--device", "cuda", "--dtype", "float32", "--temperature", "0", "--max-new-tokens", "24",
+            "Explain gravity."]
     eager, compiled = cli(*args), cli(*args, "--compile")
     assert eager.returncode == compiled.returncode == 0, eager.stderr + compiled.stderr
     assert eager.stdout == compiled.stdout and eager.stdout.strip()
