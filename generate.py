@@ -8,6 +8,10 @@
 stdout carries only the answers (streamed token by token unless --no-stream); loading
 messages, warnings and --verbose timings go to stderr. A user mistake prints one line on
 stderr and exits with status 2. All the work happens in minidolly/generate.py.
+
+--output-file is written as OUTPUT.partial, one batch at a time, and renamed to OUTPUT when
+every record is answered: a stopped run leaves any earlier OUTPUT as it was, and the same
+command run again picks up OUTPUT.partial and answers only the records it lacks.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import sys
 import time
 import warnings
 
+from minidolly.generate import CompilerMissingError, SamplingError, check_sampling
+from minidolly.train import UsageError
 
-class UsageError(Exception):
-    """A flag, file or instruction the user should fix; printed as one line, exit status 2."""
+KERNELS = {"auto": None, "on": True, "off": False}  # --kernels -> GPTNeoX.use_kernels
 
 
 class Parser(argparse.ArgumentParser):
@@ -45,22 +50,21 @@ def parse_args(argv):
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-stream", action="store_true", help="print each answer only when it is complete")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (slow to start; pays over long runs, see docs/generation.md)")
+                   help="compile the decode step once (CUDA graphs on a GPU); pays after its first answer, see docs/generation.md")
+    p.add_argument("--kernels", choices=list(KERNELS), default="auto",
+                   help="minidolly's Triton kernels in the prefill: auto = on a CUDA GPU that can run them")
     p.add_argument("--interactive", action="store_true", help="answer one instruction per line until 'exit' or Ctrl-D")
     p.add_argument("--input-file", help="jsonl with 'instruction' (and optional 'context') per line")
-    p.add_argument("--output-file", help="jsonl written with each input record plus 'response'")
+    p.add_argument("--output-file", help="jsonl written with each input record plus 'response', through OUTPUT.partial "
+                        "(a stopped run resumes from it)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --input-file")
     p.add_argument("--verbose", action="store_true", help="timings on stderr")
     args = p.parse_args(argv)
 
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")
-    if not args.temperature >= 0:
-        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}.")
-    if args.top_k < 0:
-        raise UsageError(f"--top-k must be >= 0 (0 = off), got {args.top_k}.")
-    if not 0 < args.top_p <= 1:  # also catches NaN
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}.")
+    try:
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    except SamplingError as e:
+        raise UsageError(e.message("--" + e.param.replace("_", "-"))) from None
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}.")
     modes = (args.instruction is not None) + args.interactive + (args.input_file is not None)
@@ -70,7 +74,25 @@ def parse_args(argv):
         raise UsageError("The instruction is empty; give the model something to answer.")
     if (args.input_file is None) != (args.output_file is None):
         raise UsageError("--input-file and --output-file go together.")
+    if args.input_file is not None:
+        for output in (args.output_file, partial_path(args.output_file)):
+            if same_file(args.input_file, output):
+                raise UsageError(f"--output-file {output} is the --input-file itself; writing it would destroy the "
+                                 f"instructions. Pick another --output-file.")
     return args
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether paths a and b name one file (the same inode: links and other spellings too)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def partial_path(output_file: str) -> str:
+    """Where --output-file's answers collect until every record is answered."""
+    return output_file + ".partial"
 
 
 def read_records(path):
@@ -113,6 +135,9 @@ def load(args):
     elif device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu.")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    if args.kernels == "on" and not kernels_can_run(device):
+        raise UsageError(f"--kernels on: minidolly's Triton kernels cannot run on {device} here (they need triton and "
+                         f"a CUDA GPU, or TRITON_INTERPRET=1 on CPU); use --kernels auto or off.")
     print(f"loading {args.model} ({dtype}, {device}) ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     try:
@@ -120,14 +145,22 @@ def load(args):
         # fails fastest on a missing tokenizer.json, before gigabytes of weights are read.
         if os.path.exists(os.path.expanduser(args.model)):
             tokenizer = load_tokenizer(args.model)
-            model = load_model(args.model, dtype=getattr(torch, dtype), device=device)
+            model = load_model(args.model, dtype=getattr(torch, dtype), device=device, use_kernels=KERNELS[args.kernels])
         else:
-            model = load_model(args.model, dtype=getattr(torch, dtype), device=device)
+            model = load_model(args.model, dtype=getattr(torch, dtype), device=device, use_kernels=KERNELS[args.kernels])
             tokenizer = load_tokenizer(args.model)
     except (OSError, ValueError) as e:  # missing path, offline Hub id, corrupt file
         raise UsageError(f"Cannot load --model {args.model}: {e}") from None
     print(f"loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
     return model, tokenizer
+
+
+def kernels_can_run(device: str) -> bool:
+    """Whether kernels/ can run on `device`: on CUDA when kernels.available() says so, on CPU
+    only under Triton's interpreter."""
+    import kernels
+
+    return kernels.available() and (device != "cpu" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def answer(model, tokenizer, args, instruction, context):
@@ -136,15 +169,18 @@ def answer(model, tokenizer, args, instruction, context):
 
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=args.seed, compile=args.compile)
-    stats = {}
+    stats, streamed = {}, False
     try:
         if args.no_stream:
             print(generate(model, tokenizer, instruction, context, stats=stats, **kwargs), flush=True)
         else:
             for piece in stream(model, tokenizer, instruction, context, stats=stats, **kwargs):
                 print(piece, end="", flush=True)
+                streamed = True
             print(flush=True)
     except ValueError as e:
+        if streamed:
+            print(flush=True)  # end the cut-off answer's line
         raise UsageError(str(e)) from None
     if args.verbose:
         report(stats)
@@ -157,30 +193,74 @@ def report(stats):
 
 
 def answer_file(model, tokenizer, args, records):
-    """Answer every record in batches of --batch-size; write --output-file as jsonl."""
+    """Answer every record in batches of --batch-size into --output-file (jsonl, each input
+    record plus "response"), through partial_path(--output-file): each batch is appended and
+    flushed there, and the file is renamed to --output-file once every record is answered.
+    Answers an earlier, stopped run left there are checked against the input and kept."""
     from minidolly import generate
 
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=args.seed, compile=args.compile)
+    partial = partial_path(args.output_file)
+    done = answered_before(partial, records, args.input_file)
+    if done:
+        print(f"resuming: {done} of {len(records)} records already answered in {partial} (delete it to start over)",
+              file=sys.stderr, flush=True)
     try:
-        out = open(args.output_file, "w", encoding="utf-8")
+        out = open(partial, "a", encoding="utf-8")
     except OSError as e:
-        raise UsageError(f"Cannot write --output-file {args.output_file}: {e}.") from None
+        raise UsageError(f"Cannot write --output-file {args.output_file} (through {partial}): {e}.") from None
     with out:
-        for i in range(0, len(records), args.batch_size):
-            batch = records[i : i + args.batch_size]
-            stats = {}
-            try:
-                responses = generate(model, tokenizer, [r["instruction"] for r in batch],
-                                     [r.get("context") for r in batch], stats=stats, **kwargs)
-            except ValueError as e:
-                raise UsageError(f"{args.input_file} records {i + 1}-{i + len(batch)}: {e}") from None
-            for r, response in zip(batch, responses):
-                out.write(json.dumps({**r, "response": response}, ensure_ascii=False) + "\n")
-            out.flush()
-            print(f"{i + len(batch)}/{len(records)} answered", file=sys.stderr, flush=True)
-            if args.verbose:
-                report(stats)
+        try:
+            for i in range(done, len(records), args.batch_size):
+                batch = records[i : i + args.batch_size]
+                stats = {}
+                try:
+                    responses = generate(model, tokenizer, [r["instruction"] for r in batch],
+                                         [r.get("context") for r in batch], stats=stats, **kwargs)
+                except ValueError as e:
+                    raise UsageError(f"{args.input_file} records {i + 1}-{i + len(batch)}: {e}") from None
+                out.write("".join(json.dumps({**r, "response": response}, ensure_ascii=False) + "\n"
+                                  for r, response in zip(batch, responses)))
+                out.flush()
+                print(f"{i + len(batch)}/{len(records)} answered", file=sys.stderr, flush=True)
+                if args.verbose:
+                    report(stats)
+        except (KeyboardInterrupt, UsageError):
+            print(f"stopped: the answers so far are in {partial}; the same command again resumes from there.",
+                  file=sys.stderr, flush=True)
+            raise
+    os.replace(partial, args.output_file)
+
+
+def answered_before(partial: str, records: list[dict], input_file: str) -> int:
+    """How many of `records` a stopped run already answered in `partial` (0 when there is
+    none). A last line cut off mid-write is dropped from the file. Raises UsageError when
+    the file holds answers to other records."""
+    try:
+        with open(partial, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return 0
+    except OSError as e:
+        raise UsageError(f"Cannot read {partial}: {e}.") from None
+    done = end = 0
+    for n, line in enumerate(data.splitlines(keepends=True), 1):
+        try:
+            rec = json.loads(line) if line.endswith(b"\n") else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            rec = None
+        if rec is None and end + len(line) == len(data):
+            break  # the write of the last line was cut short
+        if not isinstance(rec, dict) or n > len(records) or \
+                {k: v for k, v in rec.items() if k != "response"} != records[n - 1]:
+            raise UsageError(f"{partial} line {n} is not an answer to record {n} of --input-file {input_file}; "
+                             f"delete it to start over, or pick another --output-file.")
+        done, end = n, end + len(line)
+    if end < len(data):
+        with open(partial, "r+b") as f:
+            f.truncate(end)
+    return done
 
 
 def interactive(model, tokenizer, args):
@@ -212,7 +292,7 @@ def main(argv=None) -> int:
             interactive(model, tokenizer, args)
         else:
             answer(model, tokenizer, args, args.instruction, args.context)
-    except UsageError as e:
+    except (UsageError, CompilerMissingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,14 +8,20 @@
 
 How it works (docs/generation.md has shapes and costs):
   1. The instruction is put in Dolly's prompt template (minidolly/prompt.py) and tokenized.
-     The rows of a batch are left-padded, so every row's next token sits at the last position.
-  2. Prefill: one forward over the whole prompt fills a KVCache preallocated for
-     prompt + max_new_tokens positions, and gives the first new token's logits.
-  3. Decode: each step feeds only the newest token of each row; its keys and values are
-     written into the cache in place, so a step reads the weights and the cache once and
-     never recomputes the prompt.
-  4. A row stops at `### End` or EOS (its later tokens are padding nobody reads); the loop
-     ends when every row has stopped or after max_new_tokens.
+  2. Prefill: one forward over the prompts, right-padded into one batch, writes their keys
+     and values into a KVCache from position 0 and gives each row's logits at its own last
+     token (`prefill`).
+  3. Decode: each step feeds one token per row at that row's own position (`decode_step`):
+     its key and value are written into the cache at that position, and it attends over the
+     whole cache under a mask (positions <= its own). Every step has the same shapes, so
+     `compile=True` compiles it once, and on CUDA captures it as a CUDA graph.
+  4. The only host sync of a step is reading the new tokens. A row stops at `### End` or EOS
+     (it keeps decoding what it drew, unread); the loop ends when every row has stopped or
+     after max_new_tokens.
+
+For a server: one KVCache with a slot per request, `prefill(..., slot=i)` when a request
+joins, `decode_step` (or `compiled_decode_step`) for all slots at once, and a slot is free
+again as soon as its request ends (docs/generation.md, "An API for servers").
 """
 
 from __future__ import annotations
@@ -36,19 +42,40 @@ class PromptTruncatedWarning(UserWarning):
     """A prompt did not fit the context window; the start of its context (or instruction) was cut."""
 
 
+class SamplingError(ValueError):
+    """A sampling argument out of range. `param` names it (e.g. "top_p"); `message(name)` is the
+    same sentence naming it as a caller spells it (the CLI's --top-p, a server's field)."""
+
+    def __init__(self, param: str, requirement: str, value):
+        self.param, self.requirement, self.value = param, requirement, value
+        super().__init__(self.message(param))
+
+    def message(self, name: str) -> str:
+        return f"{name} {self.requirement}, got {self.value!r}."
+
+
+class NonFiniteLogitsError(ValueError):
+    """The model produced NaN or infinite logits: its weights (or dtype) are broken, and
+    sampling from them would be noise. The message names the step."""
+
+
+class CompilerMissingError(RuntimeError):
+    """compile=True on CPU, where inductor writes C++, without a C++ compiler."""
+
+
 # ------------------------------------------------------------------- arguments
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
-    """Raise ValueError naming the first sampling argument that is out of range."""
+    """Raise SamplingError (a ValueError) naming the first sampling argument out of range."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}.")
+        raise SamplingError("max_new_tokens", "must be an integer >= 1", max_new_tokens)
     if not temperature >= 0:  # also catches NaN
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}.")
+        raise SamplingError("temperature", "must be >= 0 (0 means greedy)", temperature)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0 turns it off), got {top_k!r}.")
+        raise SamplingError("top_k", "must be an integer >= 0 (0 turns it off)", top_k)
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1 turns it off), got {top_p!r}.")
+        raise SamplingError("top_p", "must be in (0, 1] (1 turns it off)", top_p)
 
 
 # ---------------------------------------------------------------------- prompt
@@ -135,30 +162,133 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 
 # ---------------------------------------------------------------------- decode
 
-_compiled = weakref.WeakKeyDictionary()  # model -> its compiled decode step, reused across calls
+
+@torch.inference_mode()
+def prefill(model: GPTNeoX, cache: KVCache, prompts: list[list[int]], *, pad_id: int = 0, slot: int = 0) -> torch.Tensor:
+    """Run `prompts` into slots [slot, slot + len(prompts)) of `cache`, each from position 0.
+
+    The prompts are right-padded with `pad_id` into one (B, P) batch: a padded position's key
+    lands beyond its row's last token, where no later token looks before overwriting it (see
+    GPTNeoX.forward). Row b's next token therefore goes to position len(prompts[b]).
+    Returns (B, V) logits: each row's at its own last prompt token. A server adds a request
+    to a running batch with `prefill(model, cache, [ids], slot=i)`; the other slots are
+    untouched. Raises ValueError for an empty prompt or one longer than the cache.
+    """
+    B, P = len(prompts), max(len(p) for p in prompts)
+    if min(len(p) for p in prompts) == 0 or P > cache.max_length:
+        raise ValueError(f"Every prompt needs 1 to {cache.max_length} tokens (the cache's length); got "
+                         f"lengths {sorted({len(p) for p in prompts})}.")
+    ids = torch.full((B, P), pad_id, dtype=torch.long)
+    keep = torch.zeros(B, P, dtype=torch.bool)  # built on the host: no device sync to find the rows
+    for row, p in enumerate(prompts):
+        ids[row, : len(p)] = torch.tensor(p, dtype=torch.long)
+        keep[row, len(p) - 1] = True
+    ids = ids.to(model.embed_in.weight.device, non_blocking=True)
+    return model(ids, cache=cache.rows(slot, slot + B), keep=keep)  # (B, V)
 
 
-def decode_step(model: GPTNeoX, compile: bool):
-    """The function a decode step calls: the model itself, or with `compile` the model through
-    torch.compile (dynamic shapes, since the cached length grows every step). Compilation
-    happens at the first call; if it fails (no C++ compiler, an unsupported op) the step warns
-    once and the model runs eagerly from then on. Retrying eagerly is safe: a forward writes its
-    keys and values to fixed cache positions and advances `cache.length` only at its end."""
-    if not compile:
-        return model
+def decode_step(model: GPTNeoX, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """One new token for every slot of `cache`: tokens (S,) at positions (S,) -> logits (S, V).
 
-    def step(*args, **kwargs):
-        if _compiled.get(model, "untried") is not None:  # None: compiling failed before
+    Slot s's token is written at positions[s] of its row and sees that row's keys at positions
+    <= positions[s]. Its shapes depend only on the cache, never on how far a row has come,
+    so it compiles once (`compiled_decode_step`). A slot with no request in it is fed any
+    token at any position (0, say): its row computes garbage that nobody reads. Call it under
+    torch.inference_mode(), as `decode` does.
+    """
+    return model(tokens[:, None], positions=positions[:, None], cache=cache)[:, 0]
+
+
+_compiled_steps = {}  # device type -> decode_step through torch.compile
+
+
+def compiled_decode_step(device):
+    """`decode_step` through torch.compile, made once per device type and shared by every
+    model and cache (each new model or cache shape compiles at its first call; nothing else
+    recompiles).
+
+    fullgraph=True: a graph break would hide a host sync or a Python fallback, so it is an
+    error. dynamic=False: the shapes are static by design, and a cache of another size gets a
+    graph of its own rather than one with symbolic sizes. On CUDA mode="reduce-overhead": the
+    step is captured as a CUDA graph and replayed with one launch, instead of launching ~20
+    kernels per layer from Python; the cache tensors are static (KVCache marks them), so the
+    graph writes them in place. On CPU, inductor's default mode (fused C++ loops).
+    A different module (a quantized Linear swapped in) is traced like any other.
+    Raises CompilerMissingError on CPU without a C++ compiler.
+    """
+    kind = torch.device(device).type
+    if kind not in _compiled_steps:
+        if kind == "cpu":
+            from torch._inductor.cpp_builder import get_cpp_compiler
+            from torch._inductor.exc import InvalidCxxCompiler
+
             try:
-                if model not in _compiled:
-                    _compiled[model] = torch.compile(model, dynamic=True)
-                return _compiled[model](*args, **kwargs)
-            except Exception as e:  # any compiler failure: eager gives the same answer
-                warnings.warn(f"torch.compile failed ({type(e).__name__}); decoding eagerly.", RuntimeWarning)
-                _compiled[model] = None
-        return model(*args, **kwargs)
+                get_cpp_compiler()
+            except InvalidCxxCompiler:
+                raise CompilerMissingError("compile=True on CPU needs a C++ compiler (inductor generates C++); "
+                                           "install g++, or generate without compiling.") from None
+        compiled = torch.compile(decode_step, fullgraph=True, dynamic=False,
+                                 mode="reduce-overhead" if kind == "cuda" else None)
+        if kind == "cuda":
+            def step(*args):
+                # The previous step's logits (graph memory that this replay overwrites) are read.
+                torch.compiler.cudagraph_mark_step_begin()
+                return compiled(*args)
 
-    return step
+            _compiled_steps[kind] = step
+        else:
+            _compiled_steps[kind] = compiled
+    return _compiled_steps[kind]
+
+
+_kept_caches = weakref.WeakKeyDictionary()  # model -> the cache compile=True reuses
+
+
+def generation_cache(model: GPTNeoX, batch_size: int, length: int, reuse: bool) -> KVCache:
+    """A KVCache with at least `batch_size` slots of at least `length` positions, in the
+    model's dtype and on its device.
+
+    reuse=False: a new one of exactly that size. reuse=True (compile=True): one cache per
+    model, kept between calls (and freed with the model), so the compiled step meets the same
+    tensors and shapes every time. It grows only when a call does not fit, its length in
+    powers of two from 256 (capped at the model's window): a few sizes, hence a few
+    compilations, over any mix of prompt lengths and max_new_tokens. Not for concurrent calls
+    on one model.
+    """
+    weight = model.embed_in.weight
+    if not reuse:
+        return KVCache(model.config, batch_size, length, device=weight.device, dtype=weight.dtype)
+    cache = _kept_caches.get(model)
+    fits = cache is not None and cache.batch_size >= batch_size and cache.max_length >= length \
+        and cache.k[0].dtype == weight.dtype and cache.k[0].device == weight.device
+    if not fits:
+        if cache is not None:
+            batch_size = max(batch_size, cache.batch_size)
+            length = max(length, cache.max_length)
+            del _kept_caches[model], cache  # free it before the bigger one is allocated
+        bucket = max(256, 1 << (length - 1).bit_length())
+        length = max(length, min(bucket, model.config.max_position_embeddings))
+        cache = _kept_caches[model] = KVCache(model.config, batch_size, length, device=weight.device, dtype=weight.dtype)
+    return cache
+
+
+def checked_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                   generators: list[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`next_tokens` for logits (B, V), and the same tokens for the host with a row whose
+    logits hold a NaN set to -1 (an infinity: -2).
+
+    The check rides on the token read the loop makes anyway, so it costs no second host sync.
+    Rows with bad logits are sampled from zeros instead (torch.multinomial refuses NaN); the
+    caller raises before anyone reads them. Returns (tokens to feed back, tokens to read).
+    """
+    # One pass: a row's sum is NaN if a logit is NaN (or two infinities cancel), infinite if
+    # one is; finite logits of a sane model sum far below fp32's range.
+    total = logits.sum(-1, dtype=torch.float32)  # (B,)
+    nan, inf = total.isnan(), total.isinf()
+    if temperature > 0:
+        logits = logits.masked_fill((nan | inf)[:, None], 0.0)
+    token = next_tokens(logits, temperature, top_k, top_p, generators)
+    return token, torch.where(nan, -1, torch.where(inf, -2, token))
 
 
 @torch.inference_mode()
@@ -170,48 +300,48 @@ def decode(model: GPTNeoX, prompts: list[list[int]], *, max_new_tokens: int, tem
     Each step yields a list with every row's new token, or None for a row that stopped at an
     earlier step. A token in `stop_ids` is yielded once and stops its row. With `seed`, row i
     samples with its own torch.Generator seeded `seed`, so each row gets exactly the tokens it
-    would get alone. `compile` runs the decode steps through torch.compile (see decode_step).
+    would get alone. `compile` runs the decode steps through `compiled_decode_step` with a
+    cache reused across calls (`generation_cache`); the tokens are those of eager decoding.
     `stats`, when given, receives prompt_tokens, new_tokens, prefill_seconds and decode_seconds.
+    One host sync per step: reading the new tokens. Raises NonFiniteLogitsError when a
+    running row's logits are NaN or infinite.
     """
     device = model.embed_in.weight.device
-    B, P = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, P), pad_id, dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, P - len(p) :] = torch.tensor(p, dtype=torch.long)  # left padding
-    ids = ids.to(device)
-    mask = None
-    if any(len(p) != P for p in prompts):
-        # 1 = real token. New tokens are all real (a stopped row's tokens are never read), so
-        # the mask is built once for the whole generation and sliced to the cached length.
-        mask = torch.ones(B, P + max_new_tokens, dtype=torch.long)
-        for row, p in enumerate(prompts):
-            mask[row, : P - len(p)] = 0
-        mask = mask.to(device)
-    cache = KVCache(model.config, B, P + max_new_tokens, device=device, dtype=model.embed_in.weight.dtype)
+    B, lengths = len(prompts), [len(p) for p in prompts]
+    cache = generation_cache(model, B, max(lengths) + max_new_tokens, reuse=compile)
+    step_fn = compiled_decode_step(device) if compile else decode_step
+    slots = cache.batch_size  # >= B: a kept cache may have more; the spare slots decode garbage
     generators = None
     if seed is not None and temperature > 0:
         generators = [torch.Generator(device=device).manual_seed(seed) for _ in range(B)]
     stop_ids = set(stop_ids)
     done = [False] * B  # on the host: the stop test needs no device work and no second sync
-    step_fn = decode_step(model, compile)
+    # where each slot's next token goes; made on the host, copied without waiting for the device
+    positions = torch.tensor(lengths + [0] * (slots - B)).to(device, non_blocking=True)  # (slots,)
 
     start = time.perf_counter()
-    logits = model(ids, attention_mask=None if mask is None else mask[:, :P], cache=cache, last_only=True)
+    logits = prefill(model, cache, prompts, pad_id=pad_id)  # (B, V)
     new_tokens, prefill_seconds = 0, None
     for step in range(max_new_tokens):
-        token = next_tokens(logits[:, -1], temperature, top_k, top_p, generators)
-        tokens = token.tolist()  # the one host sync per step
+        token, readable = checked_tokens(logits[:B], temperature, top_k, top_p, generators)  # (B,)
+        tokens = readable.tolist()  # the one host sync per step
         if prefill_seconds is None:
             prefill_seconds = time.perf_counter() - start
+        for row, (t, d) in enumerate(zip(tokens, done)):
+            if t < 0 and not d:
+                where = f" (prompt {row})" if B > 1 else ""
+                raise NonFiniteLogitsError(f"The model produced {'NaN' if t == -1 else 'infinite'} logits at step "
+                                           f"{step + 1}{where}; the weights may be corrupt.")
         new_tokens += done.count(False)
         yield [None if d else t for t, d in zip(tokens, done)]
         done = [d or t in stop_ids for t, d in zip(tokens, done)]
         if step == max_new_tokens - 1 or all(done):
             break
-        # A stopped row keeps decoding whatever it drew; its outputs are never read.
-        logits = step_fn(token[:, None], attention_mask=None if mask is None else mask[:, : cache.length + 1], cache=cache)
+        # A stopped row keeps decoding the token it drew; its outputs are never read.
+        logits = step_fn(model, cache, torch.nn.functional.pad(token, (0, slots - B)), positions)  # (slots, V)
+        positions = positions + 1
     if stats is not None:
-        stats.update(prompt_tokens=sum(len(p) for p in prompts), new_tokens=new_tokens,
+        stats.update(prompt_tokens=sum(lengths), new_tokens=new_tokens,
                      prefill_seconds=prefill_seconds, decode_seconds=time.perf_counter() - start - prefill_seconds)
 
 
@@ -295,13 +425,15 @@ def generate(model: GPTNeoX, tokenizer: Tokenizer, instruction: str | list[str],
     Defaults are those of Dolly's own pipeline (sampling, top_p 0.92, 256 new tokens);
     temperature=0 is greedy. `seed` makes sampling reproducible. Generation stops at
     `### End`, at EOS, or after max_new_tokens.
-    A list of instructions (and optionally a list of contexts) runs as one left-padded batch
-    and returns a list of answers, each what that instruction gives alone.
-    `compile` runs the decode steps through torch.compile: minutes of compilation the first
-    time, so it pays only over long runs (docs/generation.md). `stats`, when given, receives prompt_tokens, new_tokens, prefill_seconds, decode_seconds
-    and truncated (one flag per prompt).
-    Returns the answer text, stripped. Raises ValueError for an empty instruction or an
-    out-of-range argument; warns (PromptTruncatedWarning) when a prompt had to be cut.
+    A list of instructions (and optionally a list of contexts) runs as one batch and returns
+    a list of answers, each what that instruction gives alone.
+    `compile` compiles the decode step once per model and cache size (CUDA graphs on a GPU):
+    seconds to minutes the first time, then every later call of any prompt length and
+    max_new_tokens reuses it (docs/generation.md). `stats`, when given, receives
+    prompt_tokens, new_tokens, prefill_seconds, decode_seconds and truncated (one flag per prompt).
+    Returns the answer text, stripped. Raises ValueError for an empty instruction, an
+    out-of-range argument (SamplingError) or a model that produces NaN logits
+    (NonFiniteLogitsError); warns (PromptTruncatedWarning) when a prompt had to be cut.
     """
     prompts, truncated = _prepare(model, tokenizer, instruction, context, max_new_tokens, temperature, top_k, top_p)
     outputs = [[] for _ in prompts]

@@ -11,11 +11,13 @@ Read it top to bottom; it follows the forward pass:
 
 Module and parameter names are Hugging Face's GPT-NeoX names (minus the `gpt_neox.` prefix),
 so a Pythia checkpoint lines up with this file key for key (minidolly/checkpoint.py).
-Shapes: B batch, T new tokens, S keys (cached + new), H heads, D head_dim, C hidden, V vocab.
+Shapes: B batch, T new tokens, S keys attention reads (T, or a KVCache's length in a decode
+step), H heads, D head_dim, C hidden, V vocab.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -31,14 +33,16 @@ from .config import ModelConfig
 # Pythia) and pairs dim i with dim i + rotary_dim/2 ("rotate half"), not neighbours (GPT-J).
 
 
-def rotary_cos_sin(config: ModelConfig, position_ids: torch.Tensor, dtype: torch.dtype):
-    """cos and sin of each position's angles: (B, T) ids -> two (B, 1, T, rotary_dim) tensors."""
+def rotary_cos_sin(config: ModelConfig, positions: torch.Tensor, dtype: torch.dtype):
+    """cos and sin of the rotary angles at `positions` (integer tensor of any shape) -> two
+    tensors of shape (*positions.shape, rotary_dim). A KVCache keeps this for every position
+    it holds (a table made once) and decode steps look their rows up in it."""
     d = config.rotary_dim
     # inverse frequencies 1 / base^(2i/d), i = 0 .. d/2-1, in fp32 as HF and GPT-NeoX do
-    inv_freq = 1.0 / (config.rotary_base ** (torch.arange(0, d, 2, device=position_ids.device, dtype=torch.float32) / d))
-    angles = position_ids[..., None].float() * inv_freq  # (B, T, d/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (B, T, d): dim i and i + d/2 share an angle
-    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+    inv_freq = 1.0 / (config.rotary_base ** (torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d))
+    angles = positions[..., None].float() * inv_freq  # (..., d/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (..., d): dim i and i + d/2 share an angle
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -76,7 +80,7 @@ class Attention(nn.Module):
         q, k, v = qkv.split(D, dim=-1)  # 3 x (B, H, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
-            k, v = kv_cache.update(k, v)  # (B, H, S, D): everything seen so far
+            k, v = kv_cache.update(k, v)  # (B, H, S, D): a decode step reads the whole cache
         if fused and mask is None and T > 1:
             from kernels import flash_attention  # our Triton kernel (kernels/attention.py)
             y = flash_attention(q, k, v, causal=True)
@@ -147,36 +151,65 @@ class Layer(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated once for a whole generation.
+    """Keys and values of every layer for `batch_size` slots of `max_length` positions.
 
-    Per layer: k, v of shape (B, H, max_length, D). `length` tokens are filled; a forward with T
-    new tokens writes positions [length, length + T) and attends over [0, length + T).
-    Preallocating means no per-step concatenation (which would copy the cache every token).
+    Per layer k, v: (slots, H, max_length, D), allocated once and never resized or sliced, so
+    every decode step sees the same shapes: what torch.compile needs to compile the step once
+    and CUDA graphs need to replay it (docs/generation.md). A slot (row) holds one sequence;
+    the key of its token at position p lives at index p. Nothing here counts how full a slot
+    is: each forward says where its tokens are (`positions`), row by row, so rows of
+    different lengths share the cache with no padding on the left, and a server can put a new
+    request into a free slot (`rows`) while the others keep decoding.
+
+    `cos`, `sin`: the rotary table, (max_length, rotary_dim), made once here and looked up by
+    position in every step.
+    The tensors are marked static for torch.compile: CUDA graphs then update them in place
+    instead of copying them into the graph's own memory at every replay.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int, device=None, dtype=None):
         shape = (batch_size, config.num_heads, max_length, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.max_length = max_length
-        self.length = 0
+        self.cos, self.sin = rotary_cos_sin(config, torch.arange(max_length, device=device), self.k[0].dtype)
+        self.batch_size, self.max_length = batch_size, max_length
+        for t in self.k + self.v + [self.cos, self.sin]:
+            torch._dynamo.mark_static_address(t)
 
-    def layer(self, i: int) -> "_LayerCache":
-        return _LayerCache(self, i)
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Slots [start, stop) as a cache of their own: views, so writes land in this cache.
+        A server prefills a new request into free slot i with `model(ids, cache=cache.rows(i, i + 1))`."""
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"slots [{start}, {stop}) are not in a cache of {self.batch_size}.")
+        view = copy.copy(self)
+        view.k, view.v = [t[start:stop] for t in self.k], [t[start:stop] for t in self.v]
+        view.batch_size = stop - start
+        return view
+
+    def layer(self, i: int, positions: torch.Tensor | None) -> "_LayerCache":
+        return _LayerCache(self.k[i], self.v[i], positions)
 
 
 class _LayerCache:
-    def __init__(self, cache: KVCache, i: int):
-        self.cache, self.i = cache, i
+    """One layer's cache, bound to the positions of the tokens of one forward."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor | None):
+        self.k, self.v, self.positions = k, v, positions
 
     def update(self, k, v):
-        start, end = self.cache.length, self.cache.length + k.shape[2]
-        if end > self.cache.max_length:
-            raise ValueError(f"KV cache holds {self.cache.max_length} tokens; {end} do not fit.")
-        ck, cv = self.cache.k[self.i], self.cache.v[self.i]
-        ck[:, :, start:end] = k
-        cv[:, :, start:end] = v
-        return ck[:, :, :end], cv[:, :, :end]  # (B, H, S, D)
+        """Store the new keys and values (B, H, T, D); return the ones attention reads.
+
+        positions None (a prefill from position 0): they go to [0, T) of every row and
+        attention reads just them, causally. positions (B, T): row b's t-th token goes to index
+        positions[b, t], and attention reads the whole cache, (B, H, S, D), under a mask."""
+        if self.positions is None:
+            self.k[:, :, : k.shape[2]] = k
+            self.v[:, :, : v.shape[2]] = v
+            return k, v
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+        self.k[rows, :, self.positions] = k.transpose(1, 2)  # (B, T, H, D) into (B, H, S, D)
+        self.v[rows, :, self.positions] = v.transpose(1, 2)
+        return self.k, self.v
 
 
 # ---------------------------------------------------------------------- model
@@ -234,71 +267,53 @@ class GPTNeoX(nn.Module):
             return kernels.available()
         return self.use_kernels
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
-                last_only: bool = False, keep: torch.Tensor | None = None):
-        """Logits for every position (or only the last, or only those in `keep`).
+    def forward(self, input_ids, positions=None, cache: KVCache | None = None, keep: torch.Tensor | None = None):
+        """Logits for every position of `input_ids`, or only for those in `keep`.
 
         input_ids: (B, T) token ids.
-        attention_mask: optional (B, S) with 1 for real tokens and 0 for padding (left padding),
-            S = cached + new tokens, as Hugging Face takes it.
-        position_ids: optional (B, T); by default counted from the first real token of each row
-            (so a left-padded row gets the same positions as it would alone).
-        cache: optional KVCache; the new keys/values are appended and `cache.length` advances.
-        last_only: compute only the last position's logits, as generation needs: in a prefill
-            of T tokens that skips (T-1) x V x C multiply-adds, often the largest matmul.
-        keep: optional (B, T) bool; compute logits only where it is True. Training scores only
-            response tokens, so it skips the prompt's and the padding's share of that matmul,
-            forward and backward (about half of Dolly's tokens are prompt).
-        With either, the last layer's MLP and attention output projection also run only on
-        those positions: their outputs feed nothing but the logits.
-        Returns logits (B, T, V), (B, 1, V) with `last_only`, or (N, V) with `keep`,
-        N = keep.sum(), in row-major order of the kept positions.
+        positions: optional (B, T) position of each token, every row its own; by default
+            0 .. T-1 in every row. Without a cache they only set the rotary angles.
+        cache: optional KVCache with B slots (a whole cache, or `cache.rows(i, j)`).
+            Without `positions`, a prefill: the tokens' keys and values go to positions
+            [0, T) of every row and attention is plain causal over them. With `positions`, a
+            decode step (or a later chunk): each token's key and value go to its own position
+            in its row, and a token sees every cached key at a position <= its own. Positions
+            must be < cache.max_length. Keys a row wrote beyond its real length (a shorter row
+            of a right-padded prefill; an earlier request in a reused slot) stay invisible,
+            since a token only sees positions up to its own, and are overwritten by the token
+            that reaches their position before anything can see them.
+        keep: optional (B, T) bool, on any device; logits only where it is True. Training
+            scores only response tokens, so it skips the prompt's and the padding's share of
+            the (C -> V) matmul, forward and backward (about half of Dolly's tokens are
+            prompt); a prefill keeps one position per row, the last real token, and skips
+            (T-1) x V x C multiply-adds per row, often the largest matmul of the prefill. The
+            last layer's MLP and attention output projection also run only on those positions:
+            their outputs feed nothing but the logits.
+        Returns logits (B, T, V), or (N, V) with `keep`, N = keep.sum(), in row-major order.
         """
         B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past : past + T]
-            else:
-                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        mask = build_attention_mask(attention_mask, T, past, input_ids.device)
-        fused = self._fused(input_ids) and cache is None
+        device = input_ids.device
+        mask = None  # None: plain causal over the T tokens of this call
+        if positions is not None and cache is not None:
+            # query (b, t) sees key slot s when s <= positions[b, t]: (B, 1, T, S)
+            mask = torch.arange(cache.max_length, device=device) <= positions[:, None, :, None]
+        layer_caches = [cache.layer(i, positions) for i in range(len(self.layers))] if cache is not None else None
+        if positions is None:
+            positions = torch.arange(T, device=device)[None]  # (1, T), the same for every row
+        fused = mask is None and self._fused(input_ids)  # a decode step (masked, one token) keeps to torch
         rows = None  # the positions whose logits are wanted, as flat indices into B·T
-        if last_only:
-            rows = torch.arange(T - 1, B * T, T, device=input_ids.device)  # (B,): each row's last
-        elif keep is not None:
-            rows = keep.flatten().nonzero().squeeze(1)  # (N,), row-major
+        if keep is not None:
+            rows = keep.flatten().nonzero().squeeze(1).to(device, non_blocking=True)  # (N,), row-major
 
         x = self.embed_in(input_ids)  # (B, T, C)
-        cos, sin = rotary_cos_sin(self.config, position_ids, x.dtype)  # (B, 1, T, rotary_dim)
+        if cache is not None:
+            cos, sin = cache.cos[positions], cache.sin[positions]  # (B, T, rotary_dim) from the table
+        else:
+            cos, sin = rotary_cos_sin(self.config, positions, x.dtype)
+        cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)  # (B, 1, T, rotary_dim): every head
         for i, layer in enumerate(self.layers):
             last = i == len(self.layers) - 1
-            x = layer(x, cos, sin, mask, cache.layer(i) if cache is not None else None, fused,
+            x = layer(x, cos, sin, mask, layer_caches[i] if cache is not None else None, fused,
                       rows if last else None)  # (B, T, C); after the last layer (N, C) with rows
-        if cache is not None:
-            cache.length += T
         x = layer_norm(self.final_layer_norm, x, fused)
-        logits = self.embed_out(x)  # (B, T, V) or (N, V)
-        return logits.view(B, 1, -1) if last_only else logits  # last_only: (B, 1, V)
-
-
-def build_attention_mask(attention_mask, T: int, past: int, device):
-    """The boolean mask SDPA takes, (B, 1, T, S) with True = may attend, or None for plain causal.
-
-    Query i (absolute position past + i) sees key j when j <= past + i and key j is not padding.
-    A query always sees itself, so a padding row is never fully masked (that would give NaN);
-    padding rows' outputs are garbage that nothing downstream reads.
-    """
-    if attention_mask is None:
-        return None if past == 0 or T == 1 else _causal(T, past, device)[None, None]
-    S = past + T
-    q_pos = torch.arange(past, S, device=device)[:, None]  # (T, 1) absolute query positions
-    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
-    allowed = (k_pos <= q_pos) & attention_mask[:, None, :S].bool()  # (B, T, S)
-    allowed |= k_pos == q_pos
-    return allowed[:, None]  # (B, 1, T, S)
-
-
-def _causal(T: int, past: int, device) -> torch.Tensor:
-    """(T, S) lower-triangular mask, shifted right by `past` cached keys."""
-    return torch.arange(past + T, device=device)[None, :] <= torch.arange(past, past + T, device=device)[:, None]
+        return self.embed_out(x)  # (B, T, V) or (N, V)

@@ -1,6 +1,8 @@
 """Generation: greedy output equals transformers' generate; stopping, sampling filters,
 streaming, prompt truncation and the command line behave as docs/generation.md says."""
 
+import copy
+import importlib.util
 import json
 import os
 import pathlib
@@ -13,8 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, TOKENIZER_JSON, make_hf_checkpoint
-from minidolly import GPTNeoX, ModelConfig, generate, load_model, save_model, stream
-from minidolly.generate import PromptTruncatedWarning, TextAssembler, encode_prompt, filter_logits, next_tokens
+import minidolly
+from minidolly import GPTNeoX, KVCache, ModelConfig, generate, load_model, save_model, stream
+from minidolly.generate import (CompilerMissingError, NonFiniteLogitsError, PromptTruncatedWarning, TextAssembler,
+                                decode, decode_step, encode_prompt, filter_logits, next_tokens, prefill)
 from minidolly.prompt import format_prompt
 
 END, EOS = 50277, 0
@@ -117,14 +121,6 @@ def hf_greedy(hf, tokenizer, instruction, context, n):
 # ----------------------------------------------------------- greedy vs HF
 
 
-def test_last_only_logits_are_the_last_row(random_ckpt, tokenizer):
-    _, model, _ = random_ckpt
-    ids = torch.tensor([tokenizer.encode(format_prompt(*PROMPTS[1]))])
-    with torch.no_grad():
-        assert torch.allclose(model(ids, last_only=True), model(ids)[:, -1:], atol=1e-5)
-
-
-
 @pytest.mark.parametrize("instruction,context", PROMPTS, ids=["plain", "context", "non-ascii"])
 def test_greedy_matches_transformers(random_ckpt, tokenizer, instruction, context):
     _, model, hf = random_ckpt
@@ -153,6 +149,181 @@ def test_batch_rows_stop_independently(end_biased_ckpt, tokenizer):
     answers = generate(model, tokenizer, list(instructions), list(contexts), max_new_tokens=32, temperature=0, stats=stats)
     assert answers == [text for text, _ in expected]
     assert stats["new_tokens"] == 6 + 32 + 23  # a finished row contributes nothing more
+
+
+# ---------------------------------------------------------- the static decode step
+
+
+def solo_greedy(model, prompt, n):
+    return [t for (t,) in decode(model, [prompt], max_new_tokens=n)]
+
+
+def test_a_request_joins_a_running_batch_in_a_free_slot(random_ckpt, tokenizer):
+    """A server's loop: one cache with a slot per request, one decode_step for every slot at
+    its own position, a request that ends frees its slot at once, and a new one is prefilled
+    into it (over the old request's keys) between steps. Each request still gets exactly
+    the greedy tokens it gets alone."""
+    _, model, _ = random_ckpt
+    a, b, old = (tokenizer.encode(format_prompt(i, c)) for i, c in PROMPTS)
+    new = tokenizer.encode(format_prompt("Name a prime.", None))
+    assert len(new) < len(old)  # the newcomer's row still holds the old request's keys beyond it
+    got = {0: [], 1: [], 2: []}
+    with torch.inference_mode():
+        cache = KVCache(model.config, 3, 128)
+        tokens, positions = torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)
+
+        def join(slot, prompts):
+            tokens[slot : slot + len(prompts)] = prefill(model, cache, prompts, slot=slot).argmax(-1)
+            positions[slot : slot + len(prompts)] = torch.tensor([len(p) for p in prompts])
+
+        join(0, [a, b])
+        join(2, [old])
+        for step in range(12):
+            if step == 5:  # the request in slot 2 ends (or is cancelled); the next one takes its slot
+                got[2] = []
+                join(2, [new])
+            for slot in got:
+                got[slot].append(int(tokens[slot]))
+            tokens = decode_step(model, cache, tokens, positions).argmax(-1)
+            positions = positions + 1
+    assert got[0] == solo_greedy(model, a, 12) and got[1] == solo_greedy(model, b, 12)
+    assert got[2] == solo_greedy(model, new, 7)
+
+
+def test_compiled_decode_equals_eager_and_compiles_only_for_new_cache_shapes(random_ckpt, tokenizer):
+    """compile=True gives eager's tokens, and once the first two requests have compiled the
+    step (one slot, then a batch of two), later requests with other prompt lengths, batch
+    sizes up to two and max_new_tokens reuse the cache and the graph: nothing recompiles."""
+    from torch._dynamo.utils import counters
+
+    _, model, _ = random_ckpt
+    requests = [(["Explain gravity."], 8), (["Tell me a story.", PROMPTS[2][0]], 6),  # these two compile
+                (["Why is the sky blue? Answer in one short paragraph for a child."], 12),
+                (["Name a prime.", "Summarize the passage in one sentence."], 5), ([PROMPTS[1][0]], 10)]
+    graphs = []
+    for instructions, n in requests:
+        kw = dict(max_new_tokens=n, temperature=0)
+        compiled = generate(model, tokenizer, instructions, compile=True, **kw)
+        assert compiled == generate(model, tokenizer, instructions, **kw)  # token for token, as text
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[2:] == [graphs[1]] * 3, graphs
+
+
+def test_the_decode_step_is_one_graph_with_static_shapes(random_ckpt, tokenizer, monkeypatch):
+    """What lets CUDA graphs capture the step: torch.compile traces it whole (fullgraph) with
+    no symbolic sizes, so the graph is the same for every request that fits the cache.
+    (A backend that records the graphs stands in for inductor here: tracing is the point.)"""
+    graphs, settings, real_compile = [], [], torch.compile
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def compile_recording(fn, **kw):
+        settings.append(kw)
+        return real_compile(fn, **{**kw, "backend": record})
+
+    monkeypatch.setattr(sys.modules["minidolly.generate"], "_compiled_steps", {})
+    monkeypatch.setattr(torch, "compile", compile_recording)
+    _, model, _ = random_ckpt
+    for instruction, n in [("Explain gravity.", 6), ("Why is the sky blue? Answer in one short paragraph.", 9)]:
+        generate(model, tokenizer, instruction, max_new_tokens=n, temperature=0, compile=True)
+    assert settings == [dict(fullgraph=True, dynamic=False, mode=None)]
+    assert len(graphs) == 1
+    symbolic = [n.name for n in graphs[0].graph.nodes if isinstance(n.meta.get("example_value"), torch.SymInt)]
+    assert not symbolic
+
+
+def test_decoding_reads_the_device_once_per_token(monkeypatch):
+    """On the meta device a tensor has no values, so every read of one on the host (.item(),
+    bool(), .nonzero(), .cpu(), a boolean index, ...) raises. Decoding a meta model, where only
+    .tolist() answers (with made-up tokens), proves that the loop's only host sync per step
+    is reading the new tokens, whatever the sampling settings."""
+    config = ModelConfig(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256)
+    with torch.device("meta"):
+        model = GPTNeoX(config)
+    reads, real_tolist = [], torch.Tensor.tolist
+
+    def tolist(t):
+        if not t.is_meta:
+            return real_tolist(t)
+        reads.append(tuple(t.shape))
+        return [7] * t.shape[0]
+
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    for kw in [dict(temperature=0), dict(temperature=0.8, top_k=5, top_p=0.9)]:
+        reads.clear()
+        steps = list(decode(model, [[1, 2, 3], [4, 5]], max_new_tokens=6, **kw))
+        assert len(steps) == 6 and reads == [(2,)] * 6
+    reads.clear()
+    assert list(decode(model, [[1, 2, 3]], max_new_tokens=6, stop_ids=[7])) == [[7]] and reads == [(1,)]
+
+
+def test_errors_in_the_compiled_step_are_not_swallowed(random_ckpt, tokenizer, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(sys.modules["minidolly.generate"], "_compiled_steps", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: out_of_memory)
+    _, model, _ = random_ckpt
+    with pytest.raises(torch.OutOfMemoryError):
+        generate(model, tokenizer, "Explain gravity.", max_new_tokens=4, temperature=0, compile=True)
+
+
+def test_compile_without_a_cpp_compiler_is_one_sentence(hello_ckpt, tokenizer, monkeypatch, capsys):
+    import torch._inductor.cpp_builder as cpp_builder
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    def no_compiler():
+        raise InvalidCxxCompiler()
+
+    monkeypatch.setattr(sys.modules["minidolly.generate"], "_compiled_steps", {})
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    d, model = hello_ckpt
+    with pytest.raises(CompilerMissingError, match="needs a C\\+\\+ compiler"):
+        generate(model, tokenizer, "Say hello.", max_new_tokens=4, temperature=0, compile=True)
+    assert cli_main("--model", d, "--compile", "--temperature", "0", "--max-new-tokens", "4", "Say hello.") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: compile=True on CPU needs a C++ compiler")
+
+
+# ------------------------------------------------------------ broken weights
+
+
+def test_nan_logits_are_an_error_naming_the_step(hello_ckpt, tokenizer):
+    _, model = hello_ckpt
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.final_layer_norm.weight[0] = float("nan")  # every logit NaN from the first step
+    for kw in [dict(temperature=1.0, seed=0), dict(temperature=0)]:
+        with pytest.raises(NonFiniteLogitsError, match="NaN logits at step 1; the weights may be corrupt"):
+            generate(broken, tokenizer, "Say hello.", max_new_tokens=8, **kw)
+    # a NaN that appears later: the embedding of " world", which the answer reaches at step 2
+    world = tokenizer.encode("Hello world!")[1]
+    with torch.no_grad():
+        broken = copy.deepcopy(model)
+        broken.embed_in.weight[world] = float("nan")
+    with pytest.raises(NonFiniteLogitsError, match="NaN logits at step 3"):
+        generate(broken, tokenizer, "Say hello.", max_new_tokens=8, temperature=0)
+    with torch.no_grad():
+        broken = copy.deepcopy(model)
+        broken.embed_out.weight[5] = 0.0
+        broken.embed_out.weight[5, 0] = float("inf")
+    with pytest.raises(NonFiniteLogitsError, match="infinite logits at step 1"):
+        generate(broken, tokenizer, "Say hello.", max_new_tokens=8, temperature=0)
+
+
+def test_cli_refuses_nan_logits_in_one_line(hello_ckpt, tokenizer, tmp_path, capsys):
+    _, model = hello_ckpt
+    broken = copy.deepcopy(model)
+    world = tokenizer.encode("Hello world!")[1]
+    with torch.no_grad():
+        broken.embed_in.weight[world] = float("nan")
+    save_model(broken, tmp_path)
+    shutil.copy(TOKENIZER_JSON, tmp_path / "tokenizer.json")
+    assert cli_main("--model", tmp_path, "--temperature", "0", "--max-new-tokens", "8", "Say hello.") == 2
+    out = capsys.readouterr()
+    assert out.out == "Hello world\n"  # steps 1 and 2, streamed before step 3 went wrong; the line is ended
+    assert out.err.strip().splitlines()[-1] == "error: The model produced NaN logits at step 3; the weights may be corrupt."
 
 
 # --------------------------------------------------------------- stopping
@@ -320,6 +491,19 @@ def cli(*args, stdin=None, env=None):
                           env={**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1", **(env or {})})
 
 
+_cli = None
+
+
+def cli_main(*args):
+    """generate.py's main() in this process (no interpreter start-up, no second model load)."""
+    global _cli
+    if _cli is None:
+        spec = importlib.util.spec_from_file_location("generate_cli", REPO / "generate.py")
+        _cli = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(_cli)
+    return _cli.main([str(a) for a in args])
+
+
 def test_cli_streams_the_answer(emoji_ckpt):
     d, _ = emoji_ckpt
     r = cli("--model", d, "--temperature", "0", "--verbose", "Explain the rainbow.")
@@ -388,17 +572,109 @@ def test_cli_bad_input_exits_2_with_one_line(hello_ckpt, tmp_path, case):
     assert last.startswith("error: ") and needle in last
 
 
-def test_compile_failure_falls_back_to_eager(random_ckpt, tokenizer, monkeypatch):
-    import weakref
+def test_cli_kernels_flag(hello_ckpt, monkeypatch, capsys):
+    d, _ = hello_ckpt
+    assert cli_main("--model", d, "--kernels", "off", "--temperature", "0", "--max-new-tokens", "20", "Say hi.") == 0
+    assert capsys.readouterr().out == HELLO + "\n"
+    for flag, use_kernels in [("auto", None), ("off", False)]:
+        model, _ = _cli.load(_cli.parse_args(["--model", str(d), "--kernels", flag, "Hi."]))
+        assert model.use_kernels is use_kernels
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # on this CPU the kernels cannot run
+    assert cli_main("--model", d, "--kernels", "on", "Say hi.") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: --kernels on: minidolly's Triton kernels cannot run on cpu")
+    monkeypatch.setattr(_cli, "kernels_can_run", lambda device: True)
+    model, _ = _cli.load(_cli.parse_args(["--model", str(d), "--kernels", "on", "Hi."]))
+    assert model.use_kernels is True
 
-    module = sys.modules["minidolly.generate"]  # the package's `generate` attribute is the function
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("no C++ compiler")
+def test_cli_refuses_to_write_its_input_file(hello_ckpt, tmp_path, capsys):
+    d, _ = hello_ckpt
+    src = tmp_path / "q.jsonl"
+    src.write_text('{"instruction": "Say hi."}\n')
+    os.link(src, tmp_path / "hard-link.jsonl")
+    for out in [src, tmp_path / "sub" / ".." / "q.jsonl", tmp_path / "hard-link.jsonl"]:
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        assert cli_main("--model", d, "--max-new-tokens", "20", "--input-file", src, "--output-file", out) == 2
+        assert "is the --input-file itself" in capsys.readouterr().err
+        assert src.read_text() == '{"instruction": "Say hi."}\n'
 
-    monkeypatch.setattr(module, "_compiled", weakref.WeakKeyDictionary())
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: broken)
-    _, model, _ = random_ckpt
-    eager = generate(model, tokenizer, "Explain gravity.", max_new_tokens=8, temperature=0)
-    with pytest.warns(RuntimeWarning, match="decoding eagerly"):
-        assert generate(model, tokenizer, "Explain gravity.", max_new_tokens=8, temperature=0, compile=True) == eager
+
+def test_cli_stopped_run_keeps_the_old_output_and_resumes(hello_ckpt, tmp_path, monkeypatch, capsys):
+    d, _ = hello_ckpt
+    records = [{"instruction": f"Say hi {i}.", "id": i} for i in range(5)]
+    src, dst, partial = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "out.jsonl.partial"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    dst.write_text("the complete answers of an earlier run\n")
+    args = ["--model", d, "--temperature", "0", "--max-new-tokens", "20", "--input-file", src, "--output-file", dst,
+            "--batch-size", "2"]
+    real_generate, calls = minidolly.generate, []
+
+    def stopped_at_the_second_batch(model, tokenizer, instructions, *a, **kw):
+        calls.append(instructions)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the run
+        return real_generate(model, tokenizer, instructions, *a, **kw)
+
+    monkeypatch.setattr(minidolly, "generate", stopped_at_the_second_batch)
+    assert cli_main(*args) == 130
+    assert dst.read_text() == "the complete answers of an earlier run\n"  # untouched
+    assert [json.loads(line) for line in partial.read_text().splitlines()] == [{**r, "response": HELLO} for r in records[:2]]
+    assert "the same command again resumes" in capsys.readouterr().err
+    with partial.open("a") as f:
+        f.write('{"instruction": "Say hi 2.", "id": 2, "resp')  # a write cut short by a kill
+    calls.clear()
+    monkeypatch.setattr(minidolly, "generate", lambda *a, **kw: calls.append(a[2]) or real_generate(*a, **kw))
+    assert cli_main(*args) == 0
+    assert "resuming: 2 of 5 records already answered" in capsys.readouterr().err
+    assert calls == [["Say hi 2.", "Say hi 3."], ["Say hi 4."]]  # only what was missing
+    assert [json.loads(line) for line in dst.read_text().splitlines()] == [{**r, "response": HELLO} for r in records]
+    assert not partial.exists()
+    # a partial file of another input is not mixed in
+    partial.write_text(json.dumps({"instruction": "Something else.", "response": "x"}) + "\n")
+    assert cli_main(*args) == 2
+    assert "out.jsonl.partial line 1 is not an answer to record 1" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("weights,dtype", [("random", torch.float32), ("emoji", torch.bfloat16)])
+def test_cuda_compiled_decode_equals_eager_with_cuda_graphs_and_one_sync_per_token(
+        random_ckpt, emoji_ckpt, tokenizer, weights, dtype):
+    """fp32 random weights hold the compiled step to eager token for token; in bf16 inductor
+    keeps fused intermediates in fp32 where eager rounds them, which can flip a near-tie of
+    random weights, so bf16 runs the chain checkpoint (decisive logits) for the mechanics:
+    CUDA graphs really used, no recompiles, at most one host sync per token."""
+    import warnings
+
+    from torch._dynamo.utils import counters
+
+    model = load_model((random_ckpt if weights == "random" else emoji_ckpt)[0], dtype=dtype, device="cuda")
+    skips = counters["inductor"]["cudagraph_skips"]
+    kw = dict(max_new_tokens=24, temperature=0)
+    for instructions in [["Explain gravity."], ["Tell me a story.", PROMPTS[2][0]], [PROMPTS[1][0]]]:
+        assert generate(model, tokenizer, instructions, compile=True, **kw) == generate(model, tokenizer, instructions, **kw)
+    assert counters["inductor"]["cudagraph_skips"] == skips  # the step really ran as a CUDA graph
+    graphs = counters["stats"]["unique_graphs"]
+    stats = {}
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            generate(model, tokenizer, "Name three primes.", compile=True, stats=stats, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= stats["new_tokens"], syncs
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.cuda
+def test_cuda_cli_compiled_equals_eager(random_ckpt):
+    d, _, _ = random_ckpt
+    args = ["--model", d, "--device", "cuda", "--dtype", "float32", "--temperature", "0", "--max-new-tokens", "24",
+            "Explain gravity."]
+    eager, compiled = cli(*args), cli(*args, "--compile")
+    assert eager.returncode == compiled.returncode == 0, eager.stderr + compiled.stderr
+    assert eager.stdout == compiled.stdout and eager.stdout.strip()

@@ -67,31 +67,33 @@ def test_kv_cache_decode_equals_full_forward(ckpt_14m, tokenizer):
     B, T = ids.shape
     with torch.no_grad():
         full = model(ids)
-        cache = KVCache(model.config, B, T)
+        cache = KVCache(model.config, B, T + 5)  # longer than needed: the step reads all of it
         steps = [model(ids[:, :7], cache=cache)]  # prefill 7 tokens, then one at a time
         for t in range(7, T):
-            steps.append(model(ids[:, t : t + 1], cache=cache))
-    assert cache.length == T
-    assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-4
+            steps.append(model(ids[:, t : t + 1], positions=torch.full((B, 1), t), cache=cache))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-4)
 
 
-def test_left_padded_batch_equals_each_row_alone(ckpt_14m, tokenizer):
+def test_rows_of_different_lengths_each_decode_at_their_own_position(ckpt_14m, tokenizer):
+    """Right-padded prefill, then decode steps where every row is at another position: each
+    row computes what it computes alone, although the pad tokens wrote keys into its row."""
     model = load_model(ckpt_14m[0])
     rows = [tokenizer.encode(t) for t in TEXTS]
-    T = max(len(r) for r in rows)
-    ids = torch.tensor([[0] * (T - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in rows])
+    lengths = [len(r) for r in rows]
+    T = max(lengths)
+    ids = torch.tensor([r + [0] * (T - len(r)) for r in rows])  # right padding
+    last = torch.zeros(ids.shape, dtype=torch.bool)
+    last[range(len(rows)), [n - 1 for n in lengths]] = True
+    new = torch.tensor([[11, 21, 31], [12, 22, 32], [13, 23, 33]])  # three decode steps per row
     with torch.no_grad():
-        batched = model(ids, attention_mask=mask)
-        # and incrementally: prefill the padded batch, then decode one token with the mask
-        cache = KVCache(model.config, len(rows), T + 1)
-        model(ids, attention_mask=mask, cache=cache)
-        nxt = torch.tensor([[11], [12], [13]])
-        step = model(nxt, attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1), cache=cache)
+        cache = KVCache(model.config, len(rows), T + 3)
+        outs = [model(ids, cache=cache, keep=last)]  # (B, V): each row at its own last token
+        for s in range(3):
+            positions = torch.tensor(lengths)[:, None] + s  # (B, 1): every row its own
+            outs.append(model(new[:, s : s + 1], positions=positions, cache=cache)[:, 0])
         for b, r in enumerate(rows):
-            alone = model(torch.tensor([r + [11 + b]]))
-            assert (batched[b, T - len(r) :] - alone[0, :-1]).abs().max().item() < 1e-4
-            assert (step[b, 0] - alone[0, -1]).abs().max().item() < 1e-4
+            alone = model(torch.tensor([r + new[b].tolist()]))[0, len(r) - 1 :]  # (4, V)
+            torch.testing.assert_close(torch.stack([o[b] for o in outs]), alone, rtol=0, atol=1e-4)
 
 
 # Table 1 of the Pythia paper (arXiv:2304.01373); 14m and 31m from their HF model cards' totals.
