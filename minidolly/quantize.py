@@ -318,6 +318,19 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group_size={self.group_size}"
 
 
+@torch.library.custom_op("minidolly::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """x @ weight.T + bias with a weight oneDNN reordered (torch.ops.mkldnn._reorder_linear_weight).
+    An op of our own so that torch.compile calls it as it is: inductor's lowering of the mkldnn
+    op expects weights it packed itself (freezing) and fails on ours."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x, weight, bias, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 class OneDNNLinear(nn.Module):
     """A bf16 (or fp16) nn.Linear whose weight oneDNN reordered once into its blocked layout.
 
@@ -332,7 +345,7 @@ class OneDNNLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return onednn_linear(x, self.weight, self.bias, self.out_features)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.weight.to_dense()

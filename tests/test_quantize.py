@@ -83,12 +83,17 @@ def test_int4_repacking_round_trips():
         assert torch.equal(Q.unpack_int4(Q.pack_int4(nibbles), K), nibbles)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "onednn"])
 def test_quantized_module_compiles_fullgraph(mode):
     """The static decode step compiles the model with fullgraph=True; these modules must trace."""
     torch.manual_seed(0)
-    q = Q.quantize_linear(nn.Linear(128, 192), mode, group_size=32)
-    x = torch.randn(2, 1, 128)
+    if mode == "onednn":
+        if not Q.onednn_bf16_supported():
+            pytest.skip("oneDNN has no bf16 on this CPU")
+        q = Q.OneDNNLinear(nn.Linear(128, 192).to(torch.bfloat16))
+    else:
+        q = Q.quantize_linear(nn.Linear(128, 192), mode, group_size=32)
+    x = torch.randn(2, 1, 128, dtype=torch.bfloat16 if mode == "onednn" else torch.float32)
     compiled = torch.compile(q, fullgraph=True, dynamic=False)
     assert torch.allclose(compiled(x), q(x), rtol=1e-2, atol=1e-2)
 
