@@ -217,7 +217,8 @@ def load_model(source, dtype: torch.dtype | None = None, device=None, use_kernel
     if stored:  # the stored tensors of each quantized weight replace its full-precision entry
         for name, m in linears.items():
             del expected[hf_key(name + ".weight")]
-            for suffix, (dt, shape) in Q.file_layout(m.out_features, m.in_features, mode, group_size).items():
+            layout = Q.file_layout(m.out_features, m.in_features, Q.layer_mode(name, mode), group_size)
+            for suffix, (dt, shape) in layout.items():
                 expected[hf_key(f"{name}.{suffix}")] = (dt, torch.Size(shape))
 
     state, seen = {}, {}
@@ -252,12 +253,13 @@ def load_model(source, dtype: torch.dtype | None = None, device=None, use_kernel
         state["embed_out.weight"] = state["embed_in.weight"]
     if mode is not None:
         for name in linears:  # one weight at a time: the full-precision model is never whole
+            layer = Q.layer_mode(name, mode)
             if stored:
-                parts = {suffix: state.pop(f"{name}.{suffix}") for suffix in Q.STORED[mode]}
+                parts = {suffix: state.pop(f"{name}.{suffix}") for suffix in Q.STORED[layer]}
             else:
-                parts = Q.quantize_to_file_layout(state.pop(name + ".weight").to(device), mode, group_size)
+                parts = Q.quantize_to_file_layout(state.pop(name + ".weight").to(device), layer, group_size)
             bias = state.pop(name + ".bias", None)
-            model.set_submodule(name, Q.linear_from_file(parts, bias, mode, group_size, device))
+            model.set_submodule(name, Q.linear_from_file(name, parts, bias, layer, group_size, device))
     model.load_state_dict(state, strict=mode is None, assign=True)
     if config.tie_word_embeddings and mode is None:
         model.embed_out.weight = model.embed_in.weight

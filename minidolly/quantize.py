@@ -13,7 +13,7 @@ long as the kernel unpacks them no slower than memory delivers them.
            w ≈ (q - 8) * scale[n, g] + zero[n, g], q in [0, 15]
 
 Only the weight matrices of the linear layers (the four of every block and embed_out) are
-quantized. Activations stay in the model's dtype (fp32, bf16 or fp16) between the layers;
+quantized (an int4 model keeps embed_out in int8: layer_mode). Activations stay in the model's dtype (fp32, bf16 or fp16) between the layers;
 the int8/int4 kernels take them in bf16 (cast at the kernel, and the result cast back) and
 accumulate in fp32. What stays in full precision, and why:
     embed_in    a decode step reads one row of it per token, so its bytes cost memory, never
@@ -47,6 +47,7 @@ GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept, on CPU and
 DEFAULT_GROUP_SIZE = 64
 FORMAT_VERSION = 1  # of the quantized checkpoint layout above; checkpoint.py refuses others
 INT4_ROWS = 64  # CPU int4 kernels work on blocks of 64 output rows; shorter layers are padded
+EXACT_TOP_K = 32  # logits an int8 embed_out recomputes in fp32 (Int8Linear)
 
 
 class QuantizationError(ValueError):
@@ -220,11 +221,18 @@ def onednn_fp16_native() -> bool:
 
 
 class Int8Linear(nn.Module):
-    """nn.Linear with an int8 weight and one scale per output row: y = (x @ q.T) * scale + bias."""
+    """nn.Linear with an int8 weight and one scale per output row: y = (x @ q.T) * scale + bias.
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+    `exact_top_k` (embed_out's, see quantize_model): torch's CPU kernel rounds its output to
+    bf16, 8 significant bits. For the logits that rounding is the largest error int8 adds
+    (half the KL divergence from full precision, bench/quality.py) and it flips near-ties for
+    the top token, so with fp32 activations the k largest outputs of each row are computed
+    again in fp32 from the same int8 rows: k rows of K bytes, nothing next to the N rows read."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, exact_top_k: int = 0):
         super().__init__()
         self.out_features, self.in_features = q.shape
+        self.exact_top_k = exact_top_k
         self.register_buffer("weight", q)  # (N, K) int8
         self.register_buffer("weight_scale", scale.to(torch.bfloat16))  # (N,), bf16 as the kernels take it
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
@@ -236,15 +244,26 @@ class Int8Linear(nn.Module):
         else:  # torch's CPU kernel is vectorized for bf16 activations only (bench/quant_kernels.py);
             # it also crashes on inputs that are not 16-byte aligned (torch 2.13, AVX-512: a view at
             # an 8-byte offset segfaults), so x always gets a fresh (64-byte aligned) copy
-            x2 = x2.to(torch.bfloat16, memory_format=torch.contiguous_format, copy=True)
-            y = torch._weight_int8pack_mm(x2, self.weight, self.weight_scale)
-        y = y.to(x.dtype)
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16, memory_format=torch.contiguous_format, copy=True),
+                                          self.weight, self.weight_scale).to(x.dtype)
+            if self.exact_top_k and x.dtype == torch.float32:
+                y = self._exact_top(x2, y)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
 
+    def _exact_top(self, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y (M, N) with its exact_top_k largest entries per row recomputed in fp32."""
+        top = y.topk(min(self.exact_top_k, self.out_features), dim=-1).indices  # (M, k)
+        exact = []
+        for xs, ids in zip(x2.split(16), top.split(16)):  # 16 rows at a time: a small (16, k, K) temporary
+            rows = self.weight[ids].float() * self.weight_scale[ids].float()[..., None]  # (m, k, K)
+            exact.append(torch.einsum("mK,mkK->mk", xs.float(), rows))
+        return y.scatter(1, top, torch.cat(exact))
+
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+                + (f", exact top {self.exact_top_k}" if self.exact_top_k else ""))
 
 
 class Int4Linear(nn.Module):
@@ -398,13 +417,15 @@ def file_layout(out_features: int, in_features: int, mode: str, group_size: int 
             "weight_zero": (torch.bfloat16, (N, K // group_size))}
 
 
-def linear_from_file(tensors: dict, bias: torch.Tensor | None, mode: str, group_size: int | None, device=None) -> nn.Module:
-    """An Int8Linear / Int4Linear from its stored tensors ({suffix: tensor}, see file_layout).
-    The tensors are copied: a view into a safetensors file is not aligned as the kernels need."""
+def linear_from_file(name: str, tensors: dict, bias: torch.Tensor | None, mode: str, group_size: int | None,
+                     device=None) -> nn.Module:
+    """The Int8Linear / Int4Linear for the layer `name` from its stored tensors ({suffix:
+    tensor}, see file_layout). The tensors are copied: a view into a safetensors file is not
+    aligned as the kernels need. embed_out's int8 module computes its top logits exactly."""
     t = {k: v.to(device, copy=True) for k, v in tensors.items()}
     bias = None if bias is None else bias.to(device)
     if mode == "int8":
-        return Int8Linear(t["weight"], t["weight_scale"], bias)
+        return Int8Linear(t["weight"], t["weight_scale"], bias, EXACT_TOP_K if name == "embed_out" else 0)
     return Int4Linear(t["weight"], t["weight_scale"], t["weight_zero"], bias, group_size)
 
 
@@ -417,17 +438,26 @@ def quantize_to_file_layout(weight: torch.Tensor, mode: str, group_size: int | N
     return {"weight": nibbles, "weight_scale": scale, "weight_zero": zero}
 
 
-def quantize_linear(linear: nn.Linear, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
-    """One nn.Linear as an Int8Linear or Int4Linear, on the linear's device."""
+def layer_mode(name: str, mode: str) -> str:
+    """The quantization of the layer `name` in a model quantized to `mode`: int4 models keep
+    embed_out in int8. Its error goes straight into the logits; in int4 it is half the KL
+    divergence from full precision (bench/quality.py), for 4 % more weight bytes at 1.4b
+    (llama.cpp's q4_0 keeps it wider too, in q6_K)."""
+    return "int8" if mode == "int4" and name == "embed_out" else mode
+
+
+def quantize_linear(linear: nn.Linear, mode: str, group_size: int = DEFAULT_GROUP_SIZE, name: str = "") -> nn.Module:
+    """One nn.Linear (the model's layer `name`) as an Int8Linear or Int4Linear, on its device."""
     stored = quantize_to_file_layout(linear.weight.detach(), mode, group_size)
-    return linear_from_file(stored, linear.bias, mode, group_size, linear.weight.device)
+    return linear_from_file(name, stored, linear.bias, mode, group_size, linear.weight.device)
 
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
     """Quantize, in place, the weight of every linear layer of `model` (each block's four and
-    embed_out) to int8 per output channel or to int4 in groups of `group_size` inputs; embed_in,
-    LayerNorms and biases keep their dtype (see the module docstring for why).
+    embed_out) to int8 per output channel or to int4 in groups of `group_size` inputs (embed_out
+    then in int8, see layer_mode); embed_in, LayerNorms and biases keep their dtype (see the
+    module docstring for why).
 
     Quantize on the device the model will run on: the packed weights are that device's layout.
     Returns the model. Raises QuantizationError (a ValueError) for an unknown mode, a group size
@@ -437,17 +467,17 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_
     layers = linear_layers(model)
     check_shapes([(name, m.in_features) for name, m in layers], mode, group_size)
     for name, linear in layers:
-        model.set_submodule(name, quantize_linear(linear, mode, group_size))
+        model.set_submodule(name, quantize_linear(linear, layer_mode(name, mode), group_size, name))
     return model
 
 
 def quantization_of(model: nn.Module) -> dict | None:
     """{"mode": "int8" | "int4", "group_size": g or None} for a quantized model, None otherwise."""
-    for m in model.modules():
-        if isinstance(m, Int8Linear):
-            return {"mode": "int8", "group_size": None}
-        if isinstance(m, Int4Linear):
-            return {"mode": "int4", "group_size": m.group_size}
+    int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    if int4:
+        return {"mode": "int4", "group_size": int4[0].group_size}
+    if any(isinstance(m, Int8Linear) for m in model.modules()):
+        return {"mode": "int8", "group_size": None}
     return None
 
 

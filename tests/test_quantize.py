@@ -64,6 +64,24 @@ def test_kernel_matches_dequantized_reference(mode, dtype, shape):
     assert ((deq.double() - w).abs() <= 0.5 * step * 1.01 + 1e-6).all()
 
 
+def test_int8_exact_top_logits():
+    """embed_out's int8 module recomputes its largest outputs in fp32: they equal the reference
+    (the kernel alone rounds them to bf16), and so does the argmax."""
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 1000, bias=False)
+    stored = Q.quantize_to_file_layout(linear.weight.detach(), "int8", None)
+    q = Q.linear_from_file("embed_out", stored, None, "int8", None)
+    assert q.exact_top_k == Q.EXACT_TOP_K and Q.linear_from_file("layers.0.mlp.dense_4h_to_h", stored, None, "int8", None).exact_top_k == 0
+    x = torch.randn(40, 256)  # more rows than one 16-row chunk
+    ref = x.double() @ (stored["weight"].double() * stored["weight_scale"].double()[:, None]).T
+    y = q(x)
+    top = ref.topk(Q.EXACT_TOP_K // 2, dim=-1).indices
+    assert torch.allclose(y.gather(1, top).double(), ref.gather(1, top), rtol=1e-5, atol=1e-5)
+    assert torch.equal(y.argmax(-1), ref.argmax(-1))
+    plain = Q.linear_from_file("other", stored, None, "int8", None)(x).double()
+    assert (plain.gather(1, top) - ref.gather(1, top)).abs().max() > 1e-4  # bf16 rounding, what the refit removes
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_kernel_takes_unaligned_input(mode):
     """torch's int8 CPU kernel segfaults on an activation 8 bytes off a 16-byte boundary (a view
@@ -120,7 +138,8 @@ def full(ckpt):
 @pytest.mark.parametrize("mode, cos_min, top1_min", [("int8", 0.999, 0.9), ("int4", 0.95, 0.6)])
 def test_quantized_logits_close_to_full_precision(ckpt, full, mode, cos_min, top1_min):
     model = load_model(ckpt, quantize=mode)
-    assert isinstance(model.embed_out, Q.Int8Linear if mode == "int8" else Q.Int4Linear)
+    assert isinstance(model.layers[0].mlp.dense_h_to_4h, Q.Int8Linear if mode == "int8" else Q.Int4Linear)
+    assert isinstance(model.embed_out, Q.Int8Linear)  # int4 models too: its error goes straight into the logits
     assert isinstance(model.embed_in, nn.Embedding) and model.embed_in.weight.dtype == torch.float32
     with torch.no_grad():
         logits = model(IDS)
