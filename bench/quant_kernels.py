@@ -15,6 +15,7 @@ bandwidth probe (fp32, a 256 MiB matrix) measured in the same run. Kernels
 (minidolly/quantize.py uses the winners; docs/generation.md explains them):
 
     fp32 / bf16 / fp16 linear   F.linear in that dtype (MKL, oneDNN, or torch's own GEMV)
+    bf16 linear, no oneDNN      F.linear in bf16 with oneDNN switched off: torch's own GEMV
     bf16 onednn packed          the weight reordered once into oneDNN's blocked layout
     int8 pack_mm                torch._weight_int8pack_mm: int8 weight, one scale per row
     int8 dequant                w.to(x.dtype), F.linear, times the scales (eager)
@@ -65,6 +66,7 @@ def candidates(W: torch.Tensor, compile: bool, group_sizes: list[int]) -> dict:
         "bf16 linear": ((W.to(BF16),), F.linear, BF16, 2 * N * K),
         "fp16 linear": ((W.to(FP16),), F.linear, FP16, 2 * N * K),
     }
+    out["bf16 linear, no oneDNN"] = ((W.to(BF16),), linear_without_onednn, BF16, 2 * N * K)
     if Q.onednn_bf16_supported():
         out["bf16 onednn packed"] = ((torch.ops.mkldnn._reorder_linear_weight(W.to(BF16), 1),),
                                      lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
@@ -100,6 +102,12 @@ def candidates(W: torch.Tensor, compile: bool, group_sizes: list[int]) -> dict:
                     out[f"int4 compiled g64/{SHORT[act]}"] = ((nibbles, scale, zero), compiled4, act, nbytes)
     out.update(torchao_candidates(W))
     return out
+
+
+def linear_without_onednn(x, w):
+    """F.linear with oneDNN switched off: bf16 then takes torch's own GEMV/GEMM (cpublas)."""
+    with torch.backends.mkldnn.flags(enabled=False):
+        return F.linear(x, w)
 
 
 def torchao_candidates(W) -> dict:
@@ -158,6 +166,7 @@ def main():
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (each compiles per shape)")
+    p.add_argument("--kernels", nargs="+", default=None, help="only the kernels whose names contain one of these")
     p.add_argument("--pool-mib", type=int, default=128,
                    help="each kernel cycles through copies of its weight filling this much memory (> the L3 cache)")
     args = p.parse_args()
@@ -176,6 +185,8 @@ def main():
         weight_bytes = {}
         for name, N, K in mats:
             fns = candidates(torch.randn(N, K) * K**-0.5, not args.no_compile, args.group_sizes)
+            if args.kernels:  # fp32 stays: it is the baseline of the ratio
+                fns = {k: v for k, v in fns.items() if k == "fp32 linear" or any(f in k for f in args.kernels)}
             reps = 1 if name == "embed_out" else layers
             pools = {k: copies(w, nbytes, args.pool_mib * 2**20) for k, (w, _, _, nbytes) in fns.items()}
             for k, (_, _, _, nbytes) in fns.items():

@@ -101,11 +101,14 @@ def test_int4_repacking_round_trips():
         assert torch.equal(Q.unpack_int4(Q.pack_int4(nibbles), K), nibbles)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4", "onednn"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "int8 embed_out", "onednn"])
 def test_quantized_module_compiles_fullgraph(mode):
     """The static decode step compiles the model with fullgraph=True; these modules must trace."""
     torch.manual_seed(0)
-    if mode == "onednn":
+    if mode == "int8 embed_out":  # with its exact top logits
+        stored = Q.quantize_to_file_layout(torch.randn(192, 128), "int8", None)
+        q = Q.linear_from_file("embed_out", stored, None, "int8", None)
+    elif mode == "onednn":
         if not Q.onednn_bf16_supported():
             pytest.skip("oneDNN has no bf16 on this CPU")
         q = Q.OneDNNLinear(nn.Linear(128, 192).to(torch.bfloat16))
