@@ -4,6 +4,8 @@
     python generate.py --model ./my-checkpoint --temperature 0 --context "$(cat notes.txt)" "Summarize this."
     python generate.py --interactive
     python generate.py --input-file questions.jsonl --output-file answers.jsonl --batch-size 8
+    python generate.py --model ./my-checkpoint --quantize int4 "Explain gravity."
+    python generate.py --model ./my-checkpoint --export-gguf dolly.q8_0.gguf --gguf-type q8_0
 
 stdout carries only the answers (streamed token by token unless --no-stream); loading
 messages, warnings and --verbose timings go to stderr. A user mistake prints one line on
@@ -59,7 +61,21 @@ def parse_args(argv):
                         "(a stopped run resumes from it)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --input-file")
     p.add_argument("--verbose", action="store_true", help="timings on stderr")
+    # Weight formats (minidolly/quantize.py, minidolly/gguf_export.py; docs/generation.md).
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="weight-only quantization applied at load (a checkpoint saved quantized loads as it was)")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 (default), 128 or 256")
+    p.add_argument("--export-gguf", metavar="PATH", default=None,
+                   help="write --model as a GGUF file for llama.cpp / Ollama, then exit")
+    p.add_argument("--gguf-type", choices=["f32", "f16", "q8_0", "q4_0"], default="f16",
+                   help="the GGUF weight type for --export-gguf")
     args = p.parse_args(argv)
+    if args.group_size is not None and args.quantize != "int4":
+        raise UsageError("--group-size applies to --quantize int4 only.")
+    if args.export_gguf is not None:  # a mode of its own: no instruction, no generation
+        if args.instruction is not None or args.interactive or args.input_file or args.quantize:
+            raise UsageError("--export-gguf converts --model and exits; drop the instruction and generation flags.")
+        return args
 
     try:
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
@@ -127,7 +143,7 @@ def load(args):
     """The model and tokenizer named by --model, on --device in --dtype."""
     import torch
 
-    from minidolly import load_model, load_tokenizer
+    from minidolly import load_model, load_tokenizer, prepare_for_cpu
 
     device = args.device
     if device == "auto":
@@ -140,17 +156,20 @@ def load(args):
                          f"a CUDA GPU, or TRITON_INTERPRET=1 on CPU); use --kernels auto or off.")
     print(f"loading {args.model} ({dtype}, {device}) ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
+    weights = dict(dtype=getattr(torch, dtype), device=device, use_kernels=KERNELS[args.kernels], quantize=args.quantize,
+                   group_size=args.group_size)
     try:
         # A Hub id fails fastest in load_model (one request, no retries); a local directory
         # fails fastest on a missing tokenizer.json, before gigabytes of weights are read.
         if os.path.exists(os.path.expanduser(args.model)):
             tokenizer = load_tokenizer(args.model)
-            model = load_model(args.model, dtype=getattr(torch, dtype), device=device, use_kernels=KERNELS[args.kernels])
+            model = load_model(args.model, **weights)
         else:
-            model = load_model(args.model, dtype=getattr(torch, dtype), device=device, use_kernels=KERNELS[args.kernels])
+            model = load_model(args.model, **weights)
             tokenizer = load_tokenizer(args.model)
-    except (OSError, ValueError) as e:  # missing path, offline Hub id, corrupt file
+    except (OSError, ValueError) as e:  # missing path, offline Hub id, corrupt file, bad --group-size
         raise UsageError(f"Cannot load --model {args.model}: {e}") from None
+    prepare_for_cpu(model)  # 16-bit linears get the CPU's fastest kernel (minidolly/quantize.py)
     print(f"loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
     return model, tokenizer
 
@@ -279,11 +298,25 @@ def interactive(model, tokenizer, args):
             print(f"error: {e}", file=sys.stderr)
 
 
+def export_gguf(args):
+    """--export-gguf: write --model as GGUF (minidolly/gguf_export.py)."""
+    from minidolly import save_gguf
+
+    print(f"writing {args.export_gguf} ({args.gguf_type}) from {args.model} ...", file=sys.stderr, flush=True)
+    try:
+        save_gguf(args.model, args.export_gguf, args.gguf_type)
+    except (OSError, ValueError, ImportError) as e:  # missing model or gguf package, existing output, quantized model
+        raise UsageError(f"Cannot export --model {args.model} to {args.export_gguf}: {e}") from None
+
+
 def main(argv=None) -> int:
     # Warnings (a truncated prompt) as one stderr line, without the source line Python adds.
     warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
     try:
         args = parse_args(argv)
+        if args.export_gguf is not None:
+            export_gguf(args)
+            return 0
         records = read_records(args.input_file) if args.input_file else None
         model, tokenizer = load(args)
         if records is not None:

@@ -15,7 +15,8 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.40"],
+        "test": ["pytest", "transformers>=4.40", "gguf>=0.10", "llama-cpp-python>=0.3"],
         "plot": ["matplotlib"],
+        "gguf": ["gguf>=0.10"],  # save_gguf / generate.py --export-gguf
     },
 )

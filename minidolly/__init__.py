@@ -1,13 +1,17 @@
 """minidolly: Databricks' Dolly 2.0 (GPT-NeoX / Pythia) from scratch in PyTorch.
 
-    from minidolly import load_model, load_tokenizer
+    from minidolly import load_model, load_tokenizer, save_gguf
     model = load_model("databricks/dolly-v2-3b")  # or a local checkpoint directory
+    model = load_model("databricks/dolly-v2-3b", quantize="int4")  # 4-bit weights (minidolly/quantize.py)
+    save_gguf("databricks/dolly-v2-3b", "dolly-v2-3b.q8_0.gguf", "q8_0")  # for llama.cpp / Ollama
 """
 
 from .checkpoint import CheckpointError, DownloadError, load_model, save_model
 from .config import ModelConfig
 from .generate import generate, stream
+from .gguf_export import save_gguf
 from .model import GPTNeoX, KVCache
+from .quantize import QuantizationError, prepare_for_cpu, quantize_model
 from .tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
@@ -16,10 +20,14 @@ __all__ = [
     "GPTNeoX",
     "KVCache",
     "ModelConfig",
+    "QuantizationError",
     "Tokenizer",
     "generate",
     "load_model",
     "load_tokenizer",
+    "prepare_for_cpu",
+    "quantize_model",
+    "save_gguf",
     "save_model",
     "stream",
 ]

@@ -1,0 +1,213 @@
+"""Which matmul kernel should decode use on this CPU? Every candidate, timed at Pythia's linear shapes.
+
+    python bench/quant_kernels.py                           # 410m and 1.4b shapes, batch 1 and 4
+    python bench/quant_kernels.py --sizes 160m --batches 1 --no-compile --threads 1
+
+A decode step is a chain of (B, C) x (C, N) products against every weight matrix of the
+model. For each Pythia size the script times each candidate kernel on the four block linears
+(query_key_value, attention.dense, dense_h_to_4h, dense_4h_to_h) and on embed_out, and sums
+them as one decode step meets them (layers x block linears + embed_out): the matmul time of
+one step, whose inverse is the tokens/s that kernel allows at best. A decode step reads every
+weight from memory, never from the cache (the model is larger than the L3), so each kernel
+cycles through copies of its weight that fill --pool-mib, more than the L3 holds.
+"GB/s" is the weight bytes a step reads over that time; "of mv" compares it with a torch.mv
+bandwidth probe (fp32, a 256 MiB matrix) measured in the same run. Kernels
+(minidolly/quantize.py uses the winners; docs/generation.md explains them):
+
+    fp32 / bf16 / fp16 linear   F.linear in that dtype (MKL, oneDNN, or torch's own GEMV)
+    bf16 linear, no oneDNN      F.linear in bf16 with oneDNN switched off: torch's own GEMV
+    bf16 onednn packed          the weight reordered once into oneDNN's blocked layout
+    int8 pack_mm                torch._weight_int8pack_mm: int8 weight, one scale per row
+    int8 dequant                w.to(x.dtype), F.linear, times the scales (eager)
+    int8 compiled               the same three ops through torch.compile (inductor C++)
+    int4 pack_mm gN             torch._weight_int4pack_mm_for_cpu, a scale and zero per N inputs
+    int4 dequant g64            nibbles unpacked and dequantized, then F.linear (eager)
+    int4 compiled g64           the same through torch.compile
+    torchao ...                 torchao's int8 / int4 weight-only Linear, when torchao is installed
+
+Activations are fp32 ("/f32"), bf16 ("/bf16") or fp16 ("/fp16"). Each time is the median of
+--repeats calls, the kernels interleaved call by call so that a neighbour's load hits them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from minidolly import quantize as Q  # noqa: E402
+from minidolly.config import ModelConfig  # noqa: E402
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+SHORT = {FP32: "f32", BF16: "bf16", FP16: "fp16"}
+
+
+def shapes(size: str) -> tuple[int, list[tuple[str, int, int]]]:
+    """(layers, [(name, out_features N, in_features K)]) of one Pythia size."""
+    c = ModelConfig.from_size(size)
+    C, I = c.hidden_size, c.intermediate_size
+    return c.num_layers, [("query_key_value", 3 * C, C), ("attention.dense", C, C), ("dense_h_to_4h", I, C),
+                          ("dense_4h_to_h", C, I), ("embed_out", c.vocab_size, C)]
+
+
+def candidates(W: torch.Tensor, compile: bool, group_sizes: list[int]) -> dict:
+    """name -> (weights tuple, call(x, *weights), activation dtype, weight bytes) for W (N, K).
+    Each kernel gets the weight in its own form (cast, reordered, quantized, packed) once."""
+    N, K = W.shape
+    out = {
+        "fp32 linear": ((W,), F.linear, FP32, 4 * N * K),
+        "bf16 linear": ((W.to(BF16),), F.linear, BF16, 2 * N * K),
+        "fp16 linear": ((W.to(FP16),), F.linear, FP16, 2 * N * K),
+    }
+    out["bf16 linear, no oneDNN"] = ((W.to(BF16),), linear_without_onednn, BF16, 2 * N * K)
+    if Q.onednn_bf16_supported():
+        out["bf16 onednn packed"] = ((torch.ops.mkldnn._reorder_linear_weight(W.to(BF16), 1),),
+                                     lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
+                                     BF16, 2 * N * K)
+
+    q8, s8 = Q.quantize_int8(W)
+    for act in (FP32, BF16, FP16):
+        out[f"int8 pack_mm/{SHORT[act]}"] = ((q8, s8.to(act)), torch._weight_int8pack_mm, act, N * K)
+    dequant8 = lambda x, q, s: F.linear(x, q.to(x.dtype)) * s  # noqa: E731
+    out["int8 dequant/bf16"] = ((q8, s8.to(BF16)), dequant8, BF16, N * K)
+    if compile:
+        compiled8 = torch.compile(dequant8, dynamic=False)
+        for act in (FP32, BF16):
+            out[f"int8 compiled/{SHORT[act]}"] = ((q8, s8.to(act)), compiled8, act, N * K)
+
+    def dequant4(x, nib, scale, zero):
+        return F.linear(x, Q.dequantize_int4(nib, scale, zero, 64).to(x.dtype))
+
+    for g in group_sizes:
+        if K % g:
+            continue
+        nibbles, scale, zero = Q.quantize_int4(W, g)
+        packed, nbytes = Q.pack_int4(nibbles), N * K // 2 + 2 * scale.nbytes
+        for act in (FP32, BF16, FP16):
+            out[f"int4 pack_mm g{g}/{SHORT[act]}"] = (
+                (packed, Q.scales_and_zeros(scale, zero, act)),
+                lambda x, p, sz, g=g: torch._weight_int4pack_mm_for_cpu(x, p, g, sz), act, nbytes)
+        if g == 64:
+            out["int4 dequant g64/bf16"] = ((nibbles, scale, zero), dequant4, BF16, nbytes)
+            if compile:
+                compiled4 = torch.compile(dequant4, dynamic=False)
+                for act in (FP32, BF16):
+                    out[f"int4 compiled g64/{SHORT[act]}"] = ((nibbles, scale, zero), compiled4, act, nbytes)
+    out.update(torchao_candidates(W))
+    return out
+
+
+def linear_without_onednn(x, w):
+    """F.linear with oneDNN switched off: bf16 then takes torch's own GEMV/GEMM (cpublas)."""
+    with torch.backends.mkldnn.flags(enabled=False):
+        return F.linear(x, w)
+
+
+def torchao_candidates(W) -> dict:
+    """torchao's weight-only int8 and int4 nn.Linear (bf16 activations), if torchao is installed."""
+    try:
+        import torchao.quantization as tq
+    except ImportError:
+        return {}
+    N, K = W.shape
+    found = {}
+    for name, config, nbytes in (("torchao int8/bf16", lambda: tq.Int8WeightOnlyConfig(), N * K),
+                                 ("torchao int4 g64/bf16", lambda: tq.Int4WeightOnlyConfig(group_size=64), N * K // 2)):
+        try:
+            lin = torch.nn.Linear(K, N, bias=False, dtype=BF16)
+            lin.weight.data.copy_(W)
+            tq.quantize_(lin, config())
+            lin(torch.randn(1, K, dtype=BF16))
+            found[name] = ((lin,), lambda x, m: m(x), BF16, nbytes)
+        except Exception as e:  # a torchao/torch version pair that does not fit: say so, go on
+            print(f"  ({name} skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    return found
+
+
+def copies(weights: tuple, nbytes: int, pool_bytes: int) -> list[tuple]:
+    """Enough copies of `weights` to fill `pool_bytes` (at least two)."""
+    n = max(2, -(-pool_bytes // nbytes))
+    return [weights] + [tuple(copy.deepcopy(w) if isinstance(w, torch.nn.Module) else w.clone() for w in weights)
+                        for _ in range(n - 1)]
+
+
+def time_all(calls: dict[str, list], repeats: int) -> dict[str, float]:
+    """Median seconds of each kernel; calls[k] is a list of zero-argument functions (one per
+    weight copy) called in turn, the kernels interleaved call by call."""
+    for fs in calls.values():  # warm up: first calls allocate, compile, pack
+        fs[0](), fs[-1]()
+    times = {k: [] for k in calls}
+    for r in range(repeats):
+        for k, fs in calls.items():
+            start = time.perf_counter()
+            fs[r % len(fs)]()
+            times[k].append(time.perf_counter() - start)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def mv_bandwidth(repeats: int) -> float:
+    """GB/s of torch.mv on a 256 MiB fp32 matrix."""
+    W, x = torch.randn(8192, 8192), torch.randn(8192)
+    return W.nbytes / time_all({"mv": [lambda: torch.mv(W, x)]}, repeats)["mv"] / 1e9
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", nargs="+", default=["410m", "1.4b"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 4])
+    p.add_argument("--group-sizes", nargs="+", type=int, default=[32, 64, 128, 256])
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (each compiles per shape)")
+    p.add_argument("--kernels", nargs="+", default=None, help="only the kernels whose names contain one of these")
+    p.add_argument("--pool-mib", type=int, default=128,
+                   help="each kernel cycles through copies of its weight filling this much memory (> the L3 cache)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    torch._dynamo.config.recompile_limit = 1024  # one compiled function serves every shape and dtype
+    print(f"CPU: {Q.cpu_description()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}, "
+          f"weights cycled through {args.pool_mib} MiB, {'no compile' if args.no_compile else 'with torch.compile rows'}")
+    bw = mv_bandwidth(args.repeats)
+    print(f"torch.mv fp32 bandwidth probe: {bw:.1f} GB/s")
+    for size in args.sizes:
+        layers, mats = shapes(size)
+        total = {B: {} for B in args.batches}
+        weight_bytes = {}
+        for name, N, K in mats:
+            fns = candidates(torch.randn(N, K) * K**-0.5, not args.no_compile, args.group_sizes)
+            if args.kernels:  # fp32 stays: it is the baseline of the ratio
+                fns = {k: v for k, v in fns.items() if k == "fp32 linear" or any(f in k for f in args.kernels)}
+            reps = 1 if name == "embed_out" else layers
+            pools = {k: copies(w, nbytes, args.pool_mib * 2**20) for k, (w, _, _, nbytes) in fns.items()}
+            for k, (_, _, _, nbytes) in fns.items():
+                weight_bytes[k] = weight_bytes.get(k, 0) + reps * nbytes
+            for B in args.batches:
+                x = torch.randn(B, K)
+                calls = {k: [lambda w=w, f=f, x=x.to(act): f(x, *w) for w in pools[k]]
+                         for k, (_, f, act, _) in fns.items()}
+                for k, t in time_all(calls, args.repeats).items():
+                    total[B][k] = total[B].get(k, 0.0) + reps * t
+            del fns, pools
+        for B in args.batches:
+            base = total[B]["fp32 linear"]
+            print(f"\npythia-{size}, batch {B}: matmul time of one decode step ({layers} layers x 4 linears + embed_out)")
+            print(f"{'kernel':<24}{'ms/step':>9}{'tok/s':>8}{'GB/s':>7}{'of mv':>7}{'vs fp32':>9}")
+            for k in sorted(total[B], key=total[B].get):
+                gbs = weight_bytes[k] / total[B][k] / 1e9
+                print(f"{k:<24}{total[B][k] * 1e3:>9.2f}{B / total[B][k]:>8.1f}{gbs:>7.1f}{gbs / bw:>7.0%}"
+                      f"{base / total[B][k]:>8.2f}x")
+        print(f"torch.mv probe again: {mv_bandwidth(args.repeats):.1f} GB/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

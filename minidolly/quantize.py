@@ -1,0 +1,502 @@
+"""Weight-only quantization (int8, int4) and the 16-bit CPU path, applied to a model from outside.
+
+    from minidolly import load_model
+    model = load_model("databricks/dolly-v2-3b", quantize="int4")   # or quantize_model(model, "int4")
+
+Why it pays: a decode step multiplies one token's activations by every weight matrix once, so
+its time is the time to read the weights (docs/generation.md, "What a token costs"). Storing
+them in 8 or 4 bits reads 4x or 8x fewer bytes than fp32, and the step is that much faster as
+long as the kernel unpacks them no slower than memory delivers them.
+
+    int8   one scale per output row (per channel): w ≈ q * scale[n], q in [-127, 127]
+    int4   a scale and a zero per row and per group of `group_size` inputs (group-wise):
+           w ≈ (q - 8) * scale[n, g] + zero[n, g], q in [0, 15]
+
+Only the weight matrices of the linear layers (the four of every block and embed_out) are
+quantized (an int4 model keeps embed_out in int8: layer_mode). Activations stay in the model's dtype (fp32, bf16 or fp16) between the layers;
+the int8/int4 kernels take them in bf16 (cast at the kernel, and the result cast back) and
+accumulate in fp32. What stays in full precision, and why:
+    embed_in    a decode step reads one row of it per token, so its bytes cost memory, never
+                time; and generation takes the activation dtype and device from it.
+    LayerNorms, biases   O(hidden) numbers per layer: nothing to save, and the LayerNorm gain
+                sets the scale of everything after it.
+
+The kernels are PyTorch's own, chosen per device by measurement (bench/quant_kernels.py,
+docs/generation.md):
+    CPU   int8: torch._weight_int8pack_mm; int4: torch._weight_int4pack_mm_for_cpu on weights
+          repacked once by torch._convert_weight_to_int4pack_for_cpu (a layout of the CPU's
+          vector width). Both with bf16 activations: with fp32 or fp16 they are 10-50x slower.
+    CUDA  int8: w.to(x.dtype) then F.linear, times the scales (torch.compile fuses the three,
+          as gpt-fast does); int4: torch._weight_int4pack_mm (tinygemm) on weights repacked by
+          torch._convert_weight_to_int4pack.
+Each module also has a canonical, device-independent form (its state_dict), which is what
+minidolly/checkpoint.py writes: int8 rows as they are, int4 as two nibbles a byte with the
+scales and zeros as (out_features, in_features / group_size) tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept, on CPU and CUDA
+DEFAULT_GROUP_SIZE = 64
+FORMAT_VERSION = 1  # of the quantized checkpoint layout above; checkpoint.py refuses others
+INT4_ROWS = 64  # CPU int4 kernels work on blocks of 64 output rows; shorter layers are padded
+EXACT_TOP_K = 32  # logits an int8 embed_out recomputes in fp32 (Int8Linear)
+
+
+class QuantizationError(ValueError):
+    """A quantization setting that cannot apply to this model (mode, group size, shape)."""
+
+
+# ----------------------------------------------------------------- the numbers
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: w (N, K) -> (q int8 (N, K), scale bf16 (N,)), w ≈ q * scale[:, None].
+
+    The scale maps each row's largest |w| to 127 (-128 is never used, so the grid is
+    symmetric). It is rounded to bf16, the dtype the kernels take, before q is chosen."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-30).to(torch.bfloat16)  # an all-zero row gets q = 0
+    q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric group-wise int4: w (N, K) -> (nibbles uint8 (N, K/2), scale, zero bf16 (N, K/g)).
+
+    Each group of `group_size` consecutive inputs of a row maps [min, max] onto q = 0..15, so a
+    group that is all positive wastes no levels on negatives (symmetric int4 would lose one bit
+    there). w ≈ (q - 8) * scale + zero, the convention of torch's int4 kernels (zero is the
+    value at q = 8, the middle of the grid). scale and zero are rounded to bf16 *before* q is
+    chosen, so q is the best code for the dequantization that actually runs.
+    Nibbles: byte j of row n holds q[n, 2j] in its high and q[n, 2j + 1] in its low 4 bits.
+    """
+    N, K = w.shape
+    g = w.float().reshape(N, K // group_size, group_size)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-6).to(torch.bfloat16)  # (N, K/g)
+    zero = (lo + 8 * scale.float()).to(torch.bfloat16)
+    base = zero.float() - 8 * scale.float()  # the value of q = 0
+    q = torch.round((g - base[..., None]) / scale.float()[..., None]).clamp_(0, 15).to(torch.uint8)
+    return pack_nibbles(q.reshape(N, K)), scale, zero
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values in [0, 15] -> (N, K/2) uint8, even columns in the high nibble."""
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] << 4) | q[:, 1::2]
+
+
+def unpack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) uint8 -> (N, K) uint8 in [0, 15]; the inverse of pack_nibbles."""
+    return torch.stack((nibbles >> 4, nibbles & 15), dim=-1).flatten(-2)
+
+
+def dequantize_int4(nibbles, scale, zero, group_size: int) -> torch.Tensor:
+    """The fp32 (N, K) weight that int4 (nibbles, scale, zero) stands for."""
+    q = unpack_nibbles(nibbles).float()
+    N, K = q.shape
+    q = q.view(N, K // group_size, group_size)
+    return ((q - 8) * scale.float()[..., None] + zero.float()[..., None]).view(N, K)
+
+
+def scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor, dtype) -> torch.Tensor:
+    """(N, K/g) scale and zero -> the (K/g, N, 2) tensor torch's int4 kernels take."""
+    return torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+
+# ------------------------------------------------------------ int4 repacking
+
+
+def pack_int4(nibbles: torch.Tensor) -> torch.Tensor:
+    """Canonical nibbles (N, K/2), N a multiple of 64, -> the layout of the int4 kernel of their
+    device: torch._convert_weight_to_int4pack_for_cpu on CPU, whose layout follows the CPU's
+    vector width (rows interleaved in blocks of 64 with AVX-512, 32 with AVX2), tinygemm's
+    torch._convert_weight_to_int4pack on CUDA. Made at load time, never written to a file."""
+    if nibbles.is_cuda:
+        return torch._convert_weight_to_int4pack(nibbles, _inner_k_tiles(2 * nibbles.shape[1]))
+    return torch._convert_weight_to_int4pack_for_cpu(unpack_nibbles(nibbles).to(torch.int32), 1)
+
+
+def unpack_int4(packed: torch.Tensor, K: int) -> torch.Tensor:
+    """The inverse of pack_int4: kernel layout (N rows, a multiple of 64) -> canonical nibbles."""
+    raw = packed.contiguous().view(torch.uint8).flatten()  # int32 words of tinygemm as bytes too
+    N = 2 * raw.numel() // K
+    slots = _int4_slots(K, packed.device)  # canonical index of every nibble slot of a 64-row block
+    blocks = raw.view(N // INT4_ROWS, INT4_ROWS * K // 2)  # both layouts keep 64-row blocks whole
+    nib = torch.stack((blocks & 15, blocks >> 4), dim=-1).flatten(1)  # (N/64, 64K), slot order
+    q = torch.empty_like(nib)
+    q[:, slots] = nib
+    return pack_nibbles(q.view(N, K))
+
+
+@functools.lru_cache(maxsize=None)
+def _int4_slots(K: int, device: torch.device) -> torch.Tensor:
+    """For a (64, K) block, the canonical index (row * K + column) that each nibble slot of the
+    packed block holds (slot 2b is byte b's low nibble, 2b + 1 its high one).
+
+    The layout is torch's to choose (it differs by CPU and GPU), so rather than copy it we ask
+    the packing op itself: pack probe matrices whose values spell out, four bits at a time,
+    each element's own index, and read the indices back out of the nibbles."""
+    index = torch.arange(INT4_ROWS * K, device=device)
+    found = torch.zeros_like(index)
+    for shift in range(0, (INT4_ROWS * K - 1).bit_length(), 4):
+        probe = pack_nibbles(((index >> shift) & 15).view(INT4_ROWS, K))
+        raw = pack_int4(probe).contiguous().view(torch.uint8).flatten()
+        found |= torch.stack((raw & 15, raw >> 4), dim=-1).flatten().long() << shift
+    if not torch.equal(found.sort().values, index):
+        raise RuntimeError("torch's int4 layout does not keep 64-row blocks whole; cannot unpack it.")
+    return found
+
+
+def _inner_k_tiles(K: int) -> int:
+    """tinygemm's innerKTiles: K must be a multiple of 16 x innerKTiles; the largest that fits."""
+    return next(t for t in (8, 4, 2) if K % (16 * t) == 0)
+
+
+# ---------------------------------------------------------- CPU capabilities
+
+
+@functools.lru_cache(maxsize=None)
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    """(model name, feature flags) of the first CPU in /proc/cpuinfo; ("", {}) where unreadable."""
+    name, flags = "", frozenset()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not name:
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    return name, frozenset(value.split())
+    except OSError:
+        pass
+    return name, flags
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags Linux reports (avx512_bf16, amx_bf16, ...); empty where unknown."""
+    return _cpuinfo()[1]
+
+
+def cpu_description() -> str:
+    """One line for benchmark tables: the CPU's model, the flags that decide the kernels, and
+    the vector width torch's CPU kernels were dispatched to."""
+    import platform
+
+    name, flags = _cpuinfo()
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "amx_fp16")
+    have = " ".join(f for f in wanted if f in flags) or "flags unknown"
+    return (f"{name or platform.processor() or platform.machine()}; {have}; "
+            f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
+
+
+def onednn_bf16_supported() -> bool:
+    """Whether oneDNN (mkldnn) takes bf16 matmuls on this CPU (natively or by emulation)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def onednn_bf16_native() -> bool:
+    """Whether the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16), so oneDNN's bf16
+    kernels stream weights at memory speed; without them they convert in software."""
+    return onednn_bf16_supported() and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def onednn_fp16_native() -> bool:
+    """Whether oneDNN runs fp16 matmuls in hardware here (AVX512-FP16 or AMX-FP16)."""
+    return (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+            and bool({"avx512_fp16", "amx_fp16"} & cpu_flags()))
+
+
+# ------------------------------------------------------------------- modules
+# The quantized tensors are buffers (not parameters): nothing trains them, and torch's kernels
+# have no backward. Every module keeps `in_features` / `out_features` as nn.Linear does.
+
+
+class Int8Linear(nn.Module):
+    """nn.Linear with an int8 weight and one scale per output row: y = (x @ q.T) * scale + bias.
+
+    `exact_top_k` (embed_out's, see quantize_model): torch's CPU kernel rounds its output to
+    bf16, 8 significant bits. For the logits that rounding is the largest error int8 adds
+    (half the KL divergence from full precision, bench/quality.py) and it flips near-ties for
+    the top token, so with fp32 activations the k largest outputs of each row are computed
+    again in fp32 from the same int8 rows: k rows of K bytes, nothing next to the N rows read."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, exact_top_k: int = 0):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.exact_top_k = exact_top_k
+        self.register_buffer("weight", q)  # (N, K) int8
+        self.register_buffer("weight_scale", scale.to(torch.bfloat16))  # (N,), bf16 as the kernels take it
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def forward(self, x):
+        shape, x2 = x.shape, x.reshape(-1, self.in_features)  # (B*T, K)
+        if self.weight.is_cuda:  # a GEMV with the cast fused in under torch.compile (gpt-fast's int8)
+            y = F.linear(x2, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
+        else:  # torch's CPU kernel is vectorized for bf16 activations only (bench/quant_kernels.py);
+            # it also crashes on inputs that are not 16-byte aligned (torch 2.13, AVX-512: a view at
+            # an 8-byte offset segfaults), so x always gets a fresh (64-byte aligned) copy
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16, memory_format=torch.contiguous_format, copy=True),
+                                          self.weight, self.weight_scale).to(x.dtype)
+            if self.exact_top_k and x.dtype == torch.float32:
+                y = self._exact_top(x2, y)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+    def _exact_top(self, x2: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y (M, N) with its exact_top_k largest entries per row recomputed in fp32."""
+        top = y.topk(min(self.exact_top_k, self.out_features), dim=-1).indices  # (M, k)
+        exact = []
+        for xs, ids in zip(x2.split(16), top.split(16)):  # 16 rows at a time: a small (16, k, K) temporary
+            rows = self.weight[ids].float() * self.weight_scale[ids].float()[..., None]  # (m, k, K)
+            exact.append(torch.einsum("mK,mkK->mk", xs.float(), rows))
+        return y.scatter(1, top, torch.cat(exact))
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+                + (f", exact top {self.exact_top_k}" if self.exact_top_k else ""))
+
+
+class Int4Linear(nn.Module):
+    """nn.Linear with a group-wise int4 weight: w = (q - 8) * scale + zero per group of inputs.
+
+    In memory the nibbles are in the layout of the device's kernel (`weight`, made from the
+    canonical form at construction) with scales and zeros as one (K/g, N, 2) tensor; the
+    state_dict holds the canonical form (quantize_int4), so files do not depend on the CPU.
+    Output rows are padded to a multiple of 64 for the kernels and cut off again."""
+
+    def __init__(self, nibbles: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                 bias: torch.Tensor | None, group_size: int):
+        super().__init__()
+        self.out_features, self.in_features = nibbles.shape[0], 2 * nibbles.shape[1]
+        self.group_size = group_size
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        weight, sz = self._pack(nibbles, scale, zero)
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scales_and_zeros", sz)
+
+    def _pack(self, nibbles, scale, zero):
+        """Canonical (nibbles, scale, zero) -> (kernel-layout weight, (K/g, N_pad, 2) bf16)."""
+        N = nibbles.shape[0]
+        pad = -N % INT4_ROWS
+        if pad:  # zero scale and zero: the padded rows compute 0 and are cut off
+            nibbles = F.pad(nibbles, (0, 0, 0, pad), value=0x88)
+            scale, zero = F.pad(scale, (0, 0, 0, pad)), F.pad(zero, (0, 0, 0, pad))
+        return pack_int4(nibbles), scales_and_zeros(scale, zero, torch.bfloat16)
+
+    def canonical(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(nibbles (N, K/2) uint8, scale, zero (N, K/g) bf16): the device-independent form."""
+        N = self.out_features
+        nibbles = unpack_int4(self.weight, self.in_features)
+        sz = self.weight_scales_and_zeros.transpose(0, 1)  # (N_pad, K/g, 2)
+        return nibbles[:N], sz[:N, :, 0].contiguous(), sz[:N, :, 1].contiguous()
+
+    def forward(self, x):
+        shape, x2 = x.shape, x.reshape(-1, self.in_features)  # (B*T, K)
+        x2 = x2.to(torch.bfloat16).contiguous()  # tinygemm takes bf16 only; the CPU kernel is fast in bf16 only
+        if self.weight.is_cuda:
+            y = torch._weight_int4pack_mm(x2, self.weight, self.group_size, self.weight_scales_and_zeros)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.weight_scales_and_zeros)
+        y = y[:, : self.out_features].to(x.dtype)  # (B*T, N), padding rows dropped
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        nibbles, scale, zero = self.canonical()
+        destination[prefix + "weight"] = nibbles
+        destination[prefix + "weight_scale"] = scale
+        destination[prefix + "weight_zero"] = zero
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        names = ["weight", "weight_scale", "weight_zero"] + (["bias"] if self.bias is not None else [])
+        missing = [prefix + n for n in names if prefix + n not in state_dict]
+        missing_keys.extend(missing)
+        if missing:
+            return
+        nibbles, scale, zero = (state_dict[prefix + n].to(self.weight.device) for n in names[:3])
+        self.weight, self.weight_scales_and_zeros = self._pack(nibbles, scale, zero)
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(state_dict[prefix + "bias"])
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group_size={self.group_size}"
+
+
+@torch.library.custom_op("minidolly::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """x @ weight.T + bias with a weight oneDNN reordered (torch.ops.mkldnn._reorder_linear_weight).
+    An op of our own so that torch.compile calls it as it is: inductor's lowering of the mkldnn
+    op expects weights it packed itself (freezing) and fails on ours."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x, weight, bias, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+class OneDNNLinear(nn.Module):
+    """A bf16 (or fp16) nn.Linear whose weight oneDNN reordered once into its blocked layout.
+
+    F.linear in bf16 hands oneDNN a plain weight and oneDNN reorders it on every call; done
+    once here, a decode step streams the weights at the rate of torch's fp16 GEMV, 1.7x the
+    plain bf16 call (bench/quant_kernels.py). The state_dict holds the plain weight."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x):
+        return onednn_linear(x, self.weight, self.bias, self.out_features)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight.to_dense()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN-packed {self.weight.dtype}"
+
+
+# ---------------------------------------------------------------- the model
+
+
+def check_quantize(mode, group_size) -> None:
+    """Raise QuantizationError for a mode or group size that no model can take."""
+    if mode not in MODES:
+        raise QuantizationError(f"Unknown quantization {mode!r}; choose one of {', '.join(MODES)}.")
+    if mode == "int4" and group_size not in GROUP_SIZES:
+        raise QuantizationError(
+            f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))} (what torch's int4 kernels take), got {group_size!r}.")
+
+
+def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(name, module) of every nn.Linear: the four of each block and embed_out."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def check_shapes(layers, mode: str, group_size: int) -> None:
+    """Raise QuantizationError naming the first (name, in_features) that `group_size` does not divide."""
+    if mode != "int4":
+        return
+    for name, in_features in layers:
+        if in_features % group_size:
+            fits = [str(g) for g in GROUP_SIZES if in_features % g == 0]
+            raise QuantizationError(
+                f"int4 group size {group_size} does not divide the input width {in_features} of {name}; "
+                + (f"use {' or '.join(fits)}." if fits else "no int4 group size fits this model; use int8."))
+
+
+STORED = {"int8": ("weight", "weight_scale"), "int4": ("weight", "weight_scale", "weight_zero")}
+
+
+def file_layout(out_features: int, in_features: int, mode: str, group_size: int | None) -> dict:
+    """How one quantized linear's weight is stored: {suffix: (dtype, shape)}, the bias apart.
+    The one definition of the file format (docs/generation.md documents it)."""
+    N, K = out_features, in_features
+    if mode == "int8":
+        return {"weight": (torch.int8, (N, K)), "weight_scale": (torch.bfloat16, (N,))}
+    return {"weight": (torch.uint8, (N, K // 2)), "weight_scale": (torch.bfloat16, (N, K // group_size)),
+            "weight_zero": (torch.bfloat16, (N, K // group_size))}
+
+
+def linear_from_file(name: str, tensors: dict, bias: torch.Tensor | None, mode: str, group_size: int | None,
+                     device=None) -> nn.Module:
+    """The Int8Linear / Int4Linear for the layer `name` from its stored tensors ({suffix:
+    tensor}, see file_layout). The tensors are copied: a view into a safetensors file is not
+    aligned as the kernels need. embed_out's int8 module computes its top logits exactly."""
+    t = {k: v.to(device, copy=True) for k, v in tensors.items()}
+    bias = None if bias is None else bias.to(device)
+    if mode == "int8":
+        return Int8Linear(t["weight"], t["weight_scale"], bias, EXACT_TOP_K if name == "embed_out" else 0)
+    return Int4Linear(t["weight"], t["weight_scale"], t["weight_zero"], bias, group_size)
+
+
+def quantize_to_file_layout(weight: torch.Tensor, mode: str, group_size: int | None) -> dict:
+    """A full-precision weight (N, K) quantized into its stored tensors (see file_layout)."""
+    if mode == "int8":
+        q, scale = quantize_int8(weight)
+        return {"weight": q, "weight_scale": scale}
+    nibbles, scale, zero = quantize_int4(weight, group_size)
+    return {"weight": nibbles, "weight_scale": scale, "weight_zero": zero}
+
+
+def layer_mode(name: str, mode: str) -> str:
+    """The quantization of the layer `name` in a model quantized to `mode`: int4 models keep
+    embed_out in int8. Its error goes straight into the logits; in int4 it is half the KL
+    divergence from full precision (bench/quality.py), for 4 % more weight bytes at 1.4b
+    (llama.cpp's q4_0 keeps it wider too, in q6_K)."""
+    return "int8" if mode == "int4" and name == "embed_out" else mode
+
+
+def quantize_linear(linear: nn.Linear, mode: str, group_size: int = DEFAULT_GROUP_SIZE, name: str = "") -> nn.Module:
+    """One nn.Linear (the model's layer `name`) as an Int8Linear or Int4Linear, on its device."""
+    stored = quantize_to_file_layout(linear.weight.detach(), mode, group_size)
+    return linear_from_file(name, stored, linear.bias, mode, group_size, linear.weight.device)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
+    """Quantize, in place, the weight of every linear layer of `model` (each block's four and
+    embed_out) to int8 per output channel or to int4 in groups of `group_size` inputs (embed_out
+    then in int8, see layer_mode); embed_in, LayerNorms and biases keep their dtype (see the
+    module docstring for why).
+
+    Quantize on the device the model will run on: the packed weights are that device's layout.
+    Returns the model. Raises QuantizationError (a ValueError) for an unknown mode, a group size
+    torch's kernels do not take, or one that does not divide some layer's input width; the
+    model is unchanged then."""
+    check_quantize(mode, group_size)
+    layers = linear_layers(model)
+    check_shapes([(name, m.in_features) for name, m in layers], mode, group_size)
+    for name, linear in layers:
+        model.set_submodule(name, quantize_linear(linear, layer_mode(name, mode), group_size, name))
+    return model
+
+
+def quantization_of(model: nn.Module) -> dict | None:
+    """{"mode": "int8" | "int4", "group_size": g or None} for a quantized model, None otherwise."""
+    int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    if int4:
+        return {"mode": "int4", "group_size": int4[0].group_size}
+    if any(isinstance(m, Int8Linear) for m in model.modules()):
+        return {"mode": "int8", "group_size": None}
+    return None
+
+
+@torch.no_grad()
+def prepare_for_cpu(model: nn.Module) -> nn.Module:
+    """The 16-bit CPU path: give a bf16 model's linear layers the fastest kernel this CPU has.
+
+    Where the CPU computes bf16 natively (AVX512-BF16 or AMX flags) each nn.Linear becomes a
+    OneDNNLinear, its weight reordered once for oneDNN. fp16 models keep F.linear, which runs
+    torch's own fp16 GEMV at batch 1 (oneDNN's fp16 needs AVX512-FP16 or AMX-FP16, and uses
+    those where present). fp32 and quantized models, and models on other devices, are left as
+    they are. In place; returns the model. Undo by saving and loading: the state_dict is plain.
+    """
+    layers = linear_layers(model)
+    if not layers or layers[0][1].weight.device.type != "cpu":
+        return model
+    dtype = layers[0][1].weight.dtype
+    native = {torch.bfloat16: onednn_bf16_native(), torch.float16: onednn_fp16_native()}.get(dtype, False)
+    if native:
+        for name, linear in layers:
+            model.set_submodule(name, OneDNNLinear(linear))
+    return model

@@ -1,0 +1,287 @@
+"""Weight-only quantization: the kernels against a dequantized reference, a quantized model
+against full precision, save/load of a quantized checkpoint, the 16-bit CPU path, the CLI."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import REPO, TOKENIZER_JSON, make_hf_checkpoint
+from minidolly import CheckpointError, QuantizationError, load_model, save_model
+from minidolly import quantize as Q
+
+IDS = torch.tensor([[12092, 1533, 13, 50277, 187, 510, 4062, 8516], [510, 4062, 8516, 13, 50277, 187, 12092, 1533]])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: a second thread only adds barrier waits on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def reference(x, weight, bias):
+    """x @ weight.T + bias in fp64, from the bf16-rounded activations the kernels take."""
+    y = x.to(torch.bfloat16).double() @ weight.double().T
+    return y + bias.double() if bias is not None else y
+
+
+# ------------------------------------------------------------------ kernels
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 256), (3, 5, 256)])  # batch-1 decode; a small batch of several tokens
+def test_kernel_matches_dequantized_reference(mode, dtype, shape):
+    torch.manual_seed(0)
+    N = 200  # not a multiple of 64: the int4 kernel's padding rows must be cut off again
+    linear = nn.Linear(shape[-1], N).to(dtype)
+    q = Q.quantize_linear(linear, mode, group_size=64)
+    stored = Q.quantize_to_file_layout(linear.weight.detach(), mode, 64)
+    if mode == "int8":
+        deq = stored["weight"].double() * stored["weight_scale"].double()[:, None]
+    else:
+        deq = Q.dequantize_int4(stored["weight"], stored["weight_scale"], stored["weight_zero"], 64)
+    x = torch.randn(*shape).to(dtype)
+    y = q(x)
+    assert y.dtype == dtype and y.shape == (*shape[:-1], N)
+    ref = reference(x, deq, linear.bias)
+    # the kernels round their output to bf16 (8 significant bits) before the bias is added
+    assert (y.double() - ref).abs().max() <= 0.01 * ref.abs().max()
+    # and the dequantized weight is the float weight to within half a quantization step
+    w = linear.weight.detach().double()
+    if mode == "int8":
+        step = stored["weight_scale"].double()[:, None]
+    else:
+        step = stored["weight_scale"].double().repeat_interleave(64, dim=1)
+    assert ((deq.double() - w).abs() <= 0.5 * step * 1.01 + 1e-6).all()
+
+
+def test_int8_exact_top_logits():
+    """embed_out's int8 module recomputes its largest outputs in fp32: they equal the reference
+    (the kernel alone rounds them to bf16), and so does the argmax."""
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 1000, bias=False)
+    stored = Q.quantize_to_file_layout(linear.weight.detach(), "int8", None)
+    q = Q.linear_from_file("embed_out", stored, None, "int8", None)
+    assert q.exact_top_k == Q.EXACT_TOP_K and Q.linear_from_file("layers.0.mlp.dense_4h_to_h", stored, None, "int8", None).exact_top_k == 0
+    x = torch.randn(40, 256)  # more rows than one 16-row chunk
+    ref = x.double() @ (stored["weight"].double() * stored["weight_scale"].double()[:, None]).T
+    y = q(x)
+    top = ref.topk(Q.EXACT_TOP_K // 2, dim=-1).indices
+    assert torch.allclose(y.gather(1, top).double(), ref.gather(1, top), rtol=1e-5, atol=1e-5)
+    assert torch.equal(y.argmax(-1), ref.argmax(-1))
+    plain = Q.linear_from_file("other", stored, None, "int8", None)(x).double()
+    assert (plain.gather(1, top) - ref.gather(1, top)).abs().max() > 1e-4  # bf16 rounding, what the refit removes
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_kernel_takes_unaligned_input(mode):
+    """torch's int8 CPU kernel segfaults on an activation 8 bytes off a 16-byte boundary (a view
+    into a larger buffer); the module must hand it an aligned copy."""
+    torch.manual_seed(0)
+    q = Q.quantize_linear(nn.Linear(128, 384).to(torch.bfloat16), mode, group_size=64)
+    x = torch.randn(4, 128, dtype=torch.bfloat16)
+    unaligned = torch.cat([torch.zeros(4, dtype=torch.bfloat16), x.flatten()])[4:].view(4, 128)
+    assert unaligned.data_ptr() % 16 == 8
+    assert torch.equal(q(unaligned), q(x))
+
+
+def test_int4_repacking_round_trips():
+    """The CPU kernel's layout is torch's; unpack_int4 must invert it exactly (saving needs it)."""
+    for N, K in ((64, 64), (192, 512)):
+        nibbles = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
+        assert torch.equal(Q.unpack_int4(Q.pack_int4(nibbles), K), nibbles)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "int8 embed_out", "onednn"])
+def test_quantized_module_compiles_fullgraph(mode):
+    """The static decode step compiles the model with fullgraph=True; these modules must trace."""
+    torch.manual_seed(0)
+    if mode == "int8 embed_out":  # with its exact top logits
+        stored = Q.quantize_to_file_layout(torch.randn(192, 128), "int8", None)
+        q = Q.linear_from_file("embed_out", stored, None, "int8", None)
+    elif mode == "onednn":
+        if not Q.onednn_bf16_supported():
+            pytest.skip("oneDNN has no bf16 on this CPU")
+        q = Q.OneDNNLinear(nn.Linear(128, 192).to(torch.bfloat16))
+    else:
+        q = Q.quantize_linear(nn.Linear(128, 192), mode, group_size=32)
+    x = torch.randn(2, 1, 128, dtype=torch.bfloat16 if mode == "onednn" else torch.float32)
+    compiled = torch.compile(q, fullgraph=True, dynamic=False)
+    assert torch.allclose(compiled(x), q(x), rtol=1e-2, atol=1e-2)
+
+
+# -------------------------------------------------------------------- model
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A pythia-14m-shaped checkpoint whose output depends on the input (initializer 0.15)
+    and a vocabulary of 50280 (Dolly's), which no int4 block of 64 rows divides."""
+    d = tmp_path_factory.mktemp("ckpt")
+    make_hf_checkpoint(d, seed=1, initializer_range=0.15, vocab_size=50280)
+    return d
+
+
+@pytest.fixture(scope="module")
+def full(ckpt):
+    model = load_model(ckpt)
+    with torch.no_grad():
+        return model, model(IDS)
+
+
+@pytest.mark.parametrize("mode, cos_min, top1_min", [("int8", 0.999, 0.9), ("int4", 0.95, 0.6)])
+def test_quantized_logits_close_to_full_precision(ckpt, full, mode, cos_min, top1_min):
+    model = load_model(ckpt, quantize=mode)
+    assert isinstance(model.layers[0].mlp.dense_h_to_4h, Q.Int8Linear if mode == "int8" else Q.Int4Linear)
+    assert isinstance(model.embed_out, Q.Int8Linear)  # int4 models too: its error goes straight into the logits
+    assert isinstance(model.embed_in, nn.Embedding) and model.embed_in.weight.dtype == torch.float32
+    with torch.no_grad():
+        logits = model(IDS)
+    ref = full[1]
+    cos = torch.nn.functional.cosine_similarity(logits.flatten(0, 1), ref.flatten(0, 1), dim=-1)
+    assert cos.min() > cos_min, cos
+    top1 = (logits.argmax(-1) == ref.argmax(-1)).float().mean()
+    assert top1 >= top1_min
+
+
+def test_quantize_model_in_place_equals_quantize_on_load(ckpt):
+    model = Q.quantize_model(load_model(ckpt), "int4", group_size=32)
+    with torch.no_grad():
+        assert torch.equal(model(IDS), load_model(ckpt, quantize="int4", group_size=32)(IDS))
+    assert Q.quantization_of(model) == {"mode": "int4", "group_size": 32}
+
+
+@pytest.mark.parametrize("mode, group_size", [("int8", None), ("int4", 64)])
+def test_save_load_round_trip_is_bit_identical(ckpt, tmp_path, mode, group_size):
+    model = load_model(ckpt, quantize=mode, group_size=group_size, dtype=torch.bfloat16)
+    save_model(model, tmp_path / "q", max_shard_size=2**20)  # several shards: each carries the metadata
+    files = sorted(os.listdir(tmp_path / "q"))
+    assert "model.safetensors.index.json" in files and len([f for f in files if f.endswith(".safetensors")]) > 1
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == f"minidolly-{mode}"
+    again = load_model(tmp_path / "q")  # no quantize=: the files say how
+    assert Q.quantization_of(again) == {"mode": mode, "group_size": group_size}
+    assert again.embed_in.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(again(IDS), model(IDS))
+    sizes = sum(os.path.getsize(tmp_path / "q" / f) for f in files if f.endswith(".safetensors"))
+    assert sizes < 0.6 * os.path.getsize(ckpt / "model.safetensors")  # fp32 in, 8 or 4 bits out
+
+
+def _set_metadata(path, **changes):
+    """Rewrite a safetensors file's metadata in place (header only)."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"].update(changes)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+def test_quantized_checkpoint_errors(ckpt, tmp_path):
+    save_model(load_model(ckpt, quantize="int8"), tmp_path)
+    with pytest.raises(QuantizationError, match="holds int8 weights, which cannot be quantized again to int4"):
+        load_model(tmp_path, quantize="int4")
+    _set_metadata(tmp_path / "model.safetensors", **{"minidolly.format_version": "99"})
+    with pytest.raises(CheckpointError, match=r"model.safetensors is a quantized minidolly checkpoint of format version 99"):
+        load_model(tmp_path)
+
+
+def test_bad_quantize_arguments_are_one_sentence(ckpt):
+    with pytest.raises(QuantizationError, match=r"^Unknown quantization 'int3'; choose one of int8, int4\.$"):
+        load_model(ckpt, quantize="int3")
+    with pytest.raises(QuantizationError, match=r"group size must be one of 32, 64, 128, 256"):
+        load_model(ckpt, quantize="int4", group_size=48)
+    # pythia-14m is 128 wide: 256 does not divide it
+    with pytest.raises(QuantizationError, match=r"group size 256 does not divide the input width 128 of "
+                                                r"layers\.0\.attention\.query_key_value; use 32 or 64 or 128\."):
+        load_model(ckpt, quantize="int4", group_size=256)
+
+
+# ---------------------------------------------------------------- 16-bit path
+
+
+@pytest.mark.skipif(not Q.onednn_bf16_native(), reason="this CPU has no native bf16 (AVX512-BF16 / AMX)")
+def test_prepare_for_cpu_packs_bf16_linears(ckpt):
+    plain = load_model(ckpt, dtype=torch.bfloat16)
+    packed = Q.prepare_for_cpu(load_model(ckpt, dtype=torch.bfloat16))
+    assert isinstance(packed.embed_out, Q.OneDNNLinear)
+    with torch.no_grad():
+        a, b = packed(IDS).float(), plain(IDS).float()
+    assert (a - b).abs().max() <= 0.02 * b.abs().max()  # same bf16 products, another summation order
+    state = packed.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in plain.state_dict().items())
+
+
+def test_prepare_for_cpu_leaves_fp32_and_quantized_models(ckpt):
+    for model in (load_model(ckpt), load_model(ckpt, quantize="int8", dtype=torch.bfloat16)):
+        kinds = [type(m) for m in model.modules()]
+        assert [type(m) for m in Q.prepare_for_cpu(model).modules()] == kinds
+
+
+# ------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_cuda_kernels_and_round_trip(ckpt, tmp_path, mode):
+    """tinygemm int4 and the int8 GEMV on a GPU; the canonical form read back from tinygemm's layout."""
+    model = load_model(ckpt, quantize=mode, dtype=torch.bfloat16, device="cuda")
+    cpu = load_model(ckpt, quantize=mode, dtype=torch.bfloat16)
+    with torch.no_grad():
+        a, b = model(IDS.cuda()).float().cpu(), cpu(IDS).float()
+    assert (a - b).abs().max() <= 0.05 * b.abs().max()
+    save_model(model, tmp_path)
+    again = load_model(tmp_path, device="cuda")
+    with torch.no_grad():
+        assert torch.equal(again(IDS.cuda()), model(IDS.cuda()))
+    with torch.no_grad():  # the canonical form read back out of tinygemm's layout runs on CPU too
+        c = load_model(tmp_path)(IDS).float()
+    assert (c - b).abs().max() <= 0.05 * b.abs().max()
+
+
+# -------------------------------------------------------------------- CLI
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(REPO / "generate.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def cli_ckpt(ckpt, tmp_path_factory):
+    import shutil
+
+    d = tmp_path_factory.mktemp("cli")
+    for f in os.listdir(ckpt):
+        shutil.copy(ckpt / f, d / f)
+    shutil.copy(TOKENIZER_JSON, d / "tokenizer.json")
+    return d
+
+
+def test_cli_quantized_generation(cli_ckpt):
+    out = run_cli("--model", cli_ckpt, "--quantize", "int4", "--temperature", "0", "--max-new-tokens", "4", "--no-stream", "Hi")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quantize", "int3"], "argument --quantize: invalid choice"),
+    (["--quantize", "int4", "--group-size", "256"], "group size 256 does not divide the input width 128"),
+    (["--group-size", "64"], "--group-size applies to --quantize int4 only."),
+])
+def test_cli_bad_quantize_flags_exit_2(cli_ckpt, args, message):
+    out = run_cli("--model", cli_ckpt, *args, "Hi")
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last and "Traceback" not in out.stderr
