@@ -22,9 +22,10 @@ import triton.language as tl
 
 from kernels import tiles
 
-# One program keeps a whole row in registers. 16384 fp32 values is 64 KiB per program,
-# beyond which registers spill; Pythia's widest model (12b) has 5120.
-MAX_HIDDEN = 16384
+# One program keeps a whole row in registers, and the backward five row-sized fp32 arrays:
+# at 16384 wide those spill on every architecture even at 32 warps (kernels/aot.py), at
+# 8192 none do. Pythia's widest model (12b) has 5120.
+MAX_HIDDEN = 8192
 
 
 @triton.jit

@@ -54,26 +54,51 @@ class AttentionTiles(NamedTuple):
     dq: tuple  # BLOCK_M queries per program, BLOCK_N keys per step
 
 
-# arch -> {widest BLOCK_D an entry serves: tiles}, for fp16/bf16 ("16") and fp32 ("32").
-# In each pair the program's own tile is a multiple of the walk's step (the kernels
-# static_assert it): the causal diagonal is then whole steps.
-_ATTENTION = {
-    90: {
-        "16": {
-            64: AttentionTiles((128, 64, 8, 3), (32, 128, 8, 3), (128, 32, 8, 3)),
-            128: AttentionTiles((128, 64, 8, 3), (32, 128, 8, 2), (128, 32, 8, 3)),
-            256: AttentionTiles((64, 32, 8, 2), (32, 32, 8, 3), (32, 32, 8, 3)),
-        },
-        # True fp32 dots run on CUDA cores, and their operands take twice the shared memory:
-        # this path is for exactness, not speed, so small tiles.
-        "32": {
-            64: AttentionTiles((32, 32, 4, 1), (32, 32, 4, 1), (32, 32, 4, 1)),
-            256: AttentionTiles((16, 16, 4, 1), (16, 16, 4, 1), (16, 16, 4, 1)),
-        },
-    },
+# arch -> {"16": fp16/bf16 entries, "32": fp32 entries}; each entry maps the widest BLOCK_D it
+# serves to its tiles (head dims 32 and 64 share the 64 entry, 80 and 128 the 128 one). In
+# each (rows, cols) the program's own tile is a multiple of the walk's step, which the
+# kernels static_assert: the causal diagonal is then whole steps.
+# Chosen by compiling candidates for each architecture (kernels/aot.py) and keeping, among
+# those with no spill and shared memory within the limit, the largest tiles; on sm_86/89,
+# with 99 KiB per SM, the smaller square tiles FlashAttention-2 measured fastest there.
+# No timing went into them (no GPU was at hand): bench/kernels.py is how to revisit them.
+_T = AttentionTiles
+_FP32 = {  # true fp32 dots run on CUDA cores, and fp32 operands take twice the shared memory:
+    # the fp32 path is for exactness, not speed, so small tiles (16 is tl.dot's minimum)
+    64: _T((32, 32, 8, 1), (32, 32, 8, 1), (32, 32, 4, 1)),
+    128: _T((16, 16, 4, 1), (16, 16, 8, 1), (16, 16, 4, 1)),
+    256: _T((16, 16, 4, 1), (16, 16, 8, 1), (16, 16, 4, 1)),
 }
-for _arch in (75, 80, 86, 89):
-    _ATTENTION[_arch] = _ATTENTION[90]
+_ATTENTION = {
+    90: {  # wgmma wants 64-row tiles per warpgroup; 227 KiB lets the forward keep 3 stages at 128
+        "16": {
+            64: _T((128, 64, 8, 3), (32, 128, 8, 3), (128, 32, 8, 3)),
+            128: _T((128, 64, 8, 3), (32, 128, 8, 2), (128, 32, 8, 3)),
+            # 256: a 64 x 256 fp32 accumulator alone is 64 registers per thread at 8 warps
+            256: _T((64, 32, 8, 2), (32, 32, 8, 3), (32, 32, 8, 3)),
+        },
+        "32": _FP32,
+    },
+    80: {  # mma.sync, 163 KiB: the sm_90 tiles, but dK/dV at 128 spilled with 32-query steps
+        "16": {
+            64: _T((128, 64, 8, 3), (32, 128, 8, 3), (128, 32, 8, 3)),
+            128: _T((128, 64, 8, 3), (16, 128, 8, 2), (128, 32, 8, 3)),
+            256: _T((64, 64, 8, 2), (32, 32, 8, 3), (32, 32, 8, 3)),
+        },
+        "32": {**_FP32, 128: _T((16, 16, 4, 1), (16, 16, 4, 1), (16, 16, 4, 1)),
+               256: _T((16, 16, 4, 1), (16, 32, 8, 1), (16, 16, 4, 1))},
+    },
+    86: {  # 99 KiB per SM and per block: 64 x 64 at head dim 128, 2 stages
+        "16": {
+            64: _T((128, 64, 8, 3), (32, 128, 8, 3), (128, 32, 8, 3)),  # 48 KiB each: two programs per SM
+            128: _T((64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 8, 2)),
+            256: _T((64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 8, 2)),
+        },
+        "32": _FP32,
+    },
+    75: {"32": {64: _FP32[64], 128: _FP32[128]}},  # no tensor cores from Triton 3.9; fp32 at 256 needs 65 KiB
+}
+_ATTENTION[89] = _ATTENTION[86]  # same shared memory and instructions for these kernels
 
 
 def interpreting():
@@ -143,12 +168,16 @@ def unsupported(device, head_dim=None, dtype=None):
     if smem < ARCHS[arch].shared_memory:
         return (f"{_name(device)} offers {smem // KIB} KiB of shared memory per block and sm_{arch}'s "
                 f"tiles were checked against {ARCHS[arch].shared_memory // KIB} KiB")
+    return unsupported_on_arch(arch, head_dim, dtype)
+
+
+def unsupported_on_arch(arch, head_dim=None, dtype=None):
+    """Why architecture `arch` (an ARCHS key) has no attention tiles for head_dim and dtype, or None."""
+    gpu = f"sm_{arch} ({ARCHS[arch].gpus})"
     if dtype in (torch.float16, torch.bfloat16) and not ARCHS[arch].tensor_cores:
-        return (f"Triton 3.9 compiles no tensor-core code for {_name(device)}, so their {str(dtype)[6:]} "
-                f"attention would be slower than SDPA's")
+        return f"Triton 3.9 compiles no tensor-core code for {gpu}, so their {str(dtype)[6:]} attention would be slower than SDPA's"
     if head_dim is not None and dtype is not None and attention_tiles(head_dim, dtype, arch) is None:
-        return (f"no attention tiles for head_dim {head_dim} in {str(dtype)[6:]} fit {_name(device)} "
-                f"({ARCHS[arch].shared_memory // KIB} KiB of shared memory, no register spills)")
+        return f"no attention tiles for head_dim {head_dim} in {str(dtype)[6:]} fit {gpu} without register spills"
     return None
 
 
