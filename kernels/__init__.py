@@ -76,6 +76,9 @@ def unavailable_reason(device=None, head_dim=None, dtype=None):
 _warned = set()
 
 
+# A fact about the machine, not about tensors: torch.compile takes the answer as a constant
+# instead of tracing device queries and warnings (which would break a fullgraph compile).
+@torch.compiler.assume_constant_result
 def available(device=None, head_dim=None, dtype=None, warn=False):
     """True when the kernels can run on `device` (for `head_dim` and `dtype`, when given).
 

@@ -67,7 +67,8 @@ def test_available_here():
 # -------------------------------------------------------------------- LayerNorm
 
 
-def _layer_norm_check(shape, dtype, seed=0):
+def _layer_norm_pairs(shape, dtype, seed=0):
+    """[(name, kernel's, fp32 reference's)] for y, dx, dw and db on random inputs."""
     torch.manual_seed(seed)
     n = shape[-1]
     x = (torch.randn(shape) * 2 + 0.5).to(dtype).requires_grad_()  # nonzero mean on purpose
@@ -80,10 +81,13 @@ def _layer_norm_check(shape, dtype, seed=0):
     ref_in = [t.detach().float().requires_grad_() for t in (x, w, b)]
     y_ref = F.layer_norm(ref_in[0], (n,), ref_in[1], ref_in[2], 1e-5)
     ref_grads = torch.autograd.grad(y_ref, ref_in, dy.float())
-
     assert y.dtype == dtype and y.shape == x.shape
+    return list(zip(("y", "dx", "dw", "db"), (y, *grads), (y_ref, *ref_grads)))
+
+
+def _layer_norm_check(shape, dtype, seed=0):
     atol, rtol = TOL[dtype]
-    for name, got, want in zip(("y", "dx", "dw", "db"), (y, *grads), (y_ref, *ref_grads)):
+    for name, got, want in _layer_norm_pairs(shape, dtype, seed):
         assert got.dtype == dtype, name
         torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
@@ -145,7 +149,8 @@ def _attention_reference(q, k, v, causal, scale):
     return torch.softmax(s, dim=-1) @ v.float()
 
 
-def _attention_check(B, H, T, D, dtype, causal, layout="bhtd", scale=None, seed=0):
+def _attention_pairs(B, H, T, D, dtype, causal, layout="bhtd", scale=None, seed=0):
+    """[(name, kernel's, fp32 reference's)] for o, dq, dk and dv on random inputs."""
     torch.manual_seed(seed)
     if layout == "bhtd":
         q, k, v = (torch.randn(B, H, T, D).to(dtype).requires_grad_() for _ in range(3))
@@ -160,10 +165,13 @@ def _attention_check(B, H, T, D, dtype, causal, layout="bhtd", scale=None, seed=
     ref_in = [t.detach().float().requires_grad_() for t in qkv]
     o_ref = _attention_reference(*ref_in, causal, D**-0.5 if scale is None else scale)
     ref_grads = torch.autograd.grad(o_ref, ref_in, do.float())
-
     assert o.dtype == dtype and o.shape == (B, H, T, D)
+    return list(zip(("o", "dq", "dk", "dv"), (o, *grads), (o_ref, *ref_grads)))
+
+
+def _attention_check(B, H, T, D, dtype, causal, layout="bhtd", scale=None, seed=0):
     atol, rtol = ATTN_TOL[dtype]
-    for name, got, want in zip(("o", "dq", "dk", "dv"), (o, *grads), (o_ref, *ref_grads)):
+    for name, got, want in _attention_pairs(B, H, T, D, dtype, causal, layout, scale, seed):
         torch.testing.assert_close(got.float(), want, atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
 
 
@@ -353,7 +361,7 @@ def test_each_gpu_runs_its_own_architectures_tiles(fake_gpu):
     assert tiles.arch_of(fake_gpu("A100")) == 80
     assert tiles.arch_of(fake_gpu("Jetson Orin")) == 80  # sm_87: sm_80's shared memory and tiles
     assert tiles.arch_of(fake_gpu("L4")) == 89
-    for arch, spec in tiles.ARCHS.items():  # and every table entry fits its architecture on paper
+    for arch in tiles.ARCHS:  # and every table entry keeps its invariants
         for head_dim in (32, 64, 80, 128, 256):
             for dtype in tiles.DTYPES:
                 if tiles.unsupported_on_arch(arch, head_dim, dtype) is None:
@@ -485,19 +493,7 @@ CUDA_TOL = {torch.float16: 1e-2, torch.bfloat16: 4e-2}
 def test_cuda_flash_attention_every_head_dim(head_dim, dtype):
     for T, causal, layout in ((1, True, "bhtd"), (77, True, "bthd"), (129, False, "bhtd"),
                               (1000, True, "bthd"), (2048, True, "bhtd")):
-        torch.manual_seed(T)
-        B, H = 2, 3
-        if layout == "bhtd":
-            qkv = [torch.randn(B, H, T, head_dim, dtype=dtype, requires_grad=True) for _ in range(3)]
-        else:  # the model's layout: strided views of (B, T, H, D) storage
-            qkv = [torch.randn(B, T, H, head_dim, dtype=dtype, requires_grad=True).transpose(1, 2) for _ in range(3)]
-        o = flash_attention(*qkv, causal=causal)
-        do = torch.randn_like(o)
-        grads = torch.autograd.grad(o, qkv, do)
-        ref_in = [t.detach().float().requires_grad_() for t in qkv]
-        o_ref = _attention_reference(*ref_in, causal, head_dim**-0.5)
-        ref_grads = torch.autograd.grad(o_ref, ref_in, do.float())
-        for name, got, want in zip(("o", "dq", "dk", "dv"), (o, *grads), (o_ref, *ref_grads)):
+        for name, got, want in _attention_pairs(2, 3, T, head_dim, dtype, causal, layout, seed=T):
             err = _rel_err(got, want)
             assert err <= CUDA_TOL[dtype], f"T={T} causal={causal} {layout} {name}: {err:.2e}"
 
@@ -505,18 +501,10 @@ def test_cuda_flash_attention_every_head_dim(head_dim, dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_cuda_layer_norm_every_pythia_width(dtype):
-    for n in (128, 512, 768, 1024, 2048, 2560, 4096, 5120, kernels.layernorm.MAX_HIDDEN):
-        torch.manual_seed(n)
-        x = (torch.randn(4099, n) * 2 + 0.5).to(dtype).requires_grad_()  # ragged row count
-        w = (1 + 0.2 * torch.randn(n)).to(dtype).requires_grad_()
-        b = (0.2 * torch.randn(n)).to(dtype).requires_grad_()
-        y = layer_norm(x, w, b, 1e-5)
-        dy = torch.randn_like(y)
-        grads = torch.autograd.grad(y, (x, w, b), dy)
-        ref_in = [t.detach().float().requires_grad_() for t in (x, w, b)]
-        y_ref = F.layer_norm(ref_in[0], (n,), ref_in[1], ref_in[2], 1e-5)
-        ref_grads = torch.autograd.grad(y_ref, ref_in, dy.float())
-        for name, got, want in zip(("y", "dx", "dw", "db"), (y, *grads), (y_ref, *ref_grads)):
+    from kernels.layernorm import MAX_HIDDEN
+
+    for n in (128, 512, 768, 1024, 2048, 2560, 4096, 5120, MAX_HIDDEN):
+        for name, got, want in _layer_norm_pairs((4099, n), dtype, seed=n):  # a ragged row count
             err = _rel_err(got, want)
             assert err <= CUDA_TOL[dtype], f"N={n} {name}: {err:.2e}"
 
