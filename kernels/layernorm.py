@@ -131,8 +131,10 @@ def _layer_norm_bwd_dwdb(
 def _num_warps(block_n, backward=False):
     # Enough threads that a row is 8-32 values per thread. The backward holds five
     # row-sized fp32 arrays (x, dy, w and the dw/db sums) where the forward holds three,
-    # so it gets up to 16 warps: at 5120 wide, 8 warps would spill registers on sm_90.
-    return min(max(block_n // 256, 1), 16 if backward else 8)
+    # so it gets up to 16 warps: at 5120 wide, 8 warps would spill registers on sm_90. The
+    # forward gets 16 at its widest too: fp32 rows of 8192 spill at 8 on sm_80/86/89.
+    cap = 16 if backward or block_n >= MAX_HIDDEN else 8
+    return min(max(block_n // 256, 1), cap)
 
 
 def _num_groups(m, device):

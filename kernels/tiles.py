@@ -82,7 +82,7 @@ _ATTENTION = {
     80: {  # mma.sync, 163 KiB: the sm_90 tiles, but dK/dV at 128 spilled with 32-query steps
         "16": {
             64: _T((128, 64, 8, 3), (32, 128, 8, 3), (128, 32, 8, 3)),
-            128: _T((128, 64, 8, 3), (16, 128, 8, 2), (128, 32, 8, 3)),
+            128: _T((128, 64, 8, 3), (16, 128, 8, 3), (128, 32, 8, 3)),
             256: _T((64, 64, 8, 2), (32, 32, 8, 3), (32, 32, 8, 3)),
         },
         "32": {**_FP32, 128: _T((16, 16, 4, 1), (16, 16, 4, 1), (16, 16, 4, 1)),
@@ -90,13 +90,13 @@ _ATTENTION = {
     },
     86: {  # 99 KiB per SM and per block: 64 x 64 at head dim 128, 2 stages
         "16": {
-            64: _T((128, 64, 8, 3), (32, 128, 8, 3), (128, 32, 8, 3)),  # 48 KiB each: two programs per SM
+            64: _T((128, 64, 8, 2), (32, 128, 8, 3), (128, 32, 8, 3)),  # <= 48 KiB each: two programs per SM
             128: _T((64, 64, 4, 2), (64, 64, 8, 2), (64, 64, 8, 2)),
             256: _T((64, 32, 8, 2), (32, 32, 8, 2), (32, 32, 8, 2)),
         },
         "32": _FP32,
     },
-    75: {"32": {64: _FP32[64], 128: _FP32[128]}},  # no tensor cores from Triton 3.9; fp32 at 256 needs 65 KiB
+    75: {"32": {64: _FP32[64], 128: _T((16, 16, 4, 1), (16, 16, 4, 1), (16, 16, 4, 1))}},  # no tensor cores from Triton 3.9; fp32 at 256 needs 65 KiB
 }
 _ATTENTION[89] = _ATTENTION[86]  # same shared memory and instructions for these kernels
 
