@@ -11,9 +11,9 @@ A Triton kernel's tile sizes decide its speed, and whether it runs at all. Two b
   OutOfResources.
 
 So each architecture gets its own table. Every entry is compiled ahead of time for its
-architecture by tests/test_kernels.py (through kernels/aot.py, no GPU needed), which
-checks that ptxas spills no registers and shared memory stays within the limit; the
-figures are in docs/kernels.md. Tiles are not autotuned on purpose: one configuration per
+architecture by tests/test_kernels.py (through kernels/aot.py, no GPU needed; `python -m
+kernels.aot --full` compiles every specialisation), which checks that ptxas spills no
+registers and shared memory stays within the limit; the figures are in docs/kernels.md. Tiles are not autotuned on purpose: one configuration per
 (architecture, head dim, precision) compiles once and is written down here.
 """
 
