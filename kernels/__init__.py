@@ -74,20 +74,25 @@ def unavailable_reason(device=None, head_dim=None, dtype=None):
 
 
 _warned = set()
+_decided = {}  # (device, head_dim, dtype) -> the last eager answer, for torch.compile
 
 
-# A fact about the machine, not about tensors: torch.compile takes the answer as a constant
-# instead of tracing device queries and warnings (which would break a fullgraph compile).
-@torch.compiler.assume_constant_result
 def available(device=None, head_dim=None, dtype=None, warn=False):
     """True when the kernels can run on `device` (for `head_dim` and `dtype`, when given).
 
     With `warn`, a False comes with a one-line FallbackWarning naming the reason, issued
     once per distinct reason in the process: the caller is about to use torch's ops instead.
+    Under torch.compile it answers as the last eager call with the same arguments did (False
+    if none did) rather than have Dynamo trace device queries and a warning, which would
+    break a fullgraph compile.
     """
+    key = (str(device), head_dim, dtype)
+    if torch.compiler.is_compiling():
+        return _decided.get(key, False)
     reason = unavailable_reason(device, head_dim, dtype)
     if reason is not None and warn and reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"minidolly's Triton kernels are off: {reason}; using torch's SDPA and F.layer_norm.",
                       FallbackWarning, stacklevel=2)
+    _decided[key] = reason is None
     return reason is None

@@ -410,6 +410,23 @@ def test_kernels_requested_where_they_cannot_run_fall_back(monkeypatch):
         assert model._fused(torch.zeros(1, 1, dtype=torch.long, device="cpu")) is False
 
 
+def test_the_switch_is_a_constant_to_torch_compile():
+    """A fullgraph compile of a forward must not trace device queries or the fallback warning."""
+    model = _tiny(use_kernels=True)
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    eager = model._fused(ids)
+    compiled = torch.compile(lambda x: x + 1 if model._fused(x) else x - 1, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(ids), ids + 1 if eager else ids - 1)
+
+
+def test_importing_the_model_does_not_import_triton():
+    """triton.jit reads TRITON_INTERPRET when triton.language and our kernels are defined, so
+    importing the model must leave triton alone until a kernel is used."""
+    code = "import sys, minidolly.model, kernels; assert 'triton' not in sys.modules, 'triton imported'"
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 # ------------------------------------------------------ tiles and the launch grid
 
 
