@@ -52,7 +52,7 @@ def parse_args():
 args = parse_args()
 args.interpret = args.interpret or args.device == "cpu"
 if args.interpret:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the kernels' first use
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import torch  # noqa: E402

@@ -11,8 +11,9 @@ work, what they save, and which tiles each GPU gets (kernels/tiles.py).
 
 Importing this package is cheap and never fails: triton is imported, and the kernels are
 defined, on first use of `layer_norm` or `flash_attention`. `triton.jit` decides between
-compiled and interpreted kernels when it defines them, so TRITON_INTERPRET must be set
-before that first use (not necessarily before `import kernels`). Where triton is missing,
+compiled and interpreted kernels when it defines a kernel (ours, and triton.language's own
+helpers such as tl.sum), so TRITON_INTERPRET must be set before triton is first imported;
+importing `kernels` or `minidolly` does not import it (a test checks). Where triton is missing,
 `available()` is False and calling a kernel raises RuntimeError.
 """
 

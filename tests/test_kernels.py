@@ -2,8 +2,8 @@
 how they decide where they run; and what they compile to on each GPU architecture.
 
 Without a GPU they run on the CPU through Triton's interpreter, which must be switched on
-before a kernel is first used (triton.jit reads it when the kernels are defined, on the
-first use of `kernels.flash_attention` or `kernels.layer_norm`). With a GPU the same tests
+before triton is first imported (triton.jit reads it when it defines a kernel, ours and
+triton.language's own; importing minidolly does not import triton). With a GPU the same tests
 run on it, compiled, and the tests marked `cuda` add wider sweeps (`pytest -m cuda`). The
 interpreter is slow: shapes are small, and the attention cases are a hand-picked list
 that covers each Pythia head dim and each tiling edge case rather than a cross product.
