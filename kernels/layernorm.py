@@ -16,15 +16,16 @@ Every hidden size works: the row is padded to the next power of two (`BLOCK_N`) 
 padding is masked out, so 1920, 2560 and 5120 cost the same code path as 2048.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-# One program keeps a whole row in registers. 16384 fp32 values is 64 KiB per program,
-# beyond which registers spill; Pythia's widest model (12b) has 5120.
-MAX_HIDDEN = 16384
+from kernels import tiles
+
+# One program keeps a whole row in registers, and the backward five row-sized fp32 arrays:
+# at 16384 wide those spill on every architecture even at 32 warps (kernels/aot.py), at
+# 8192 none do. Pythia's widest model (12b) has 5120.
+MAX_HIDDEN = 8192
 
 
 @triton.jit
@@ -130,8 +131,10 @@ def _layer_norm_bwd_dwdb(
 def _num_warps(block_n, backward=False):
     # Enough threads that a row is 8-32 values per thread. The backward holds five
     # row-sized fp32 arrays (x, dy, w and the dw/db sums) where the forward holds three,
-    # so it gets up to 16 warps: at 5120 wide, 8 warps would spill registers on sm_90.
-    return min(max(block_n // 256, 1), 16 if backward else 8)
+    # so it gets up to 16 warps: at 5120 wide, 8 warps would spill registers on sm_90. The
+    # forward gets 16 at its widest too: fp32 rows of 8192 spill at 8 on sm_80/86/89.
+    cap = 16 if backward or block_n >= MAX_HIDDEN else 8
+    return min(max(block_n // 256, 1), cap)
 
 
 def _num_groups(m, device):
@@ -207,10 +210,6 @@ class _LayerNorm(torch.autograd.Function):
         return dx.view(dy.shape), dw, db, None
 
 
-def _interpreting():
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _check(x, weight, bias):
     if not isinstance(x, torch.Tensor) or x.ndim < 1:
         raise ValueError("layer_norm: x must be a tensor with at least one dimension (..., N).")
@@ -226,8 +225,9 @@ def _check(x, weight, bias):
             raise ValueError(f"layer_norm: {name} is {t.dtype} but x is {x.dtype}; cast them to one dtype.")
         if t.device != x.device:
             raise ValueError(f"layer_norm: {name} is on {t.device} but x is on {x.device}.")
-    if x.device.type != "cuda" and not _interpreting():
-        raise ValueError(f"layer_norm: x is on {x.device}; the Triton kernel needs a CUDA tensor, or TRITON_INTERPRET=1 to run on the CPU interpreter.")
+    reason = tiles.unsupported(x.device)
+    if reason is not None:
+        raise ValueError(f"layer_norm: {reason}")
 
 
 def layer_norm(x, weight, bias, eps=1e-5):
@@ -239,6 +239,9 @@ def layer_norm(x, weight, bias, eps=1e-5):
         weight, bias: (N,) tensors of x's dtype and device; None means ones / zeros.
         eps: added to the variance before the square root.
 
+    Under torch.autocast, x, weight and bias are cast to fp32 first, as autocast does for
+    F.layer_norm on CUDA, and the result is fp32.
+
     Returns:
         A tensor shaped and typed like x. Differentiable in x, weight and bias; all
         statistics and the dw/db sums are kept in fp32.
@@ -248,6 +251,11 @@ def layer_norm(x, weight, bias, eps=1e-5):
             weight/bias do not match x's last dimension, dtype or device, or x is not on a
             device the kernel can run on.
     """
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        # Autocast runs F.layer_norm in fp32 on CUDA (its "fp32" op list), whatever the input
+        # dtypes, and returns fp32: do the same, rather than fail on mixed dtypes.
+        x, weight, bias = (t.float() if isinstance(t, torch.Tensor) and t.dtype in tiles.DTYPES else t
+                           for t in (x, weight, bias))
     n = x.shape[-1] if isinstance(x, torch.Tensor) and x.ndim >= 1 else None
     if weight is None and n is not None:
         weight = torch.ones(n, dtype=x.dtype, device=x.device)

@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels  # our Triton kernels (kernels/); cheap: triton loads on their first use
+
 from .config import ModelConfig
 
 # ------------------------------------------------------------- rotary embedding
@@ -82,8 +84,7 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)  # (B, H, S, D): a decode step reads the whole cache
         if fused and mask is None and T > 1:
-            from kernels import flash_attention  # our Triton kernel (kernels/attention.py)
-            y = flash_attention(q, k, v, causal=True)
+            y = kernels.flash_attention(q, k, v, causal=True)  # kernels/attention.py
         else:
             # mask None: plain causal (or one new query, which may see every cached key)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
@@ -114,9 +115,7 @@ class MLP(nn.Module):
 def layer_norm(ln: nn.LayerNorm, x: torch.Tensor, fused: bool) -> torch.Tensor:
     """ln(x), through our fused Triton kernel (kernels/layernorm.py) when `fused`."""
     if fused:
-        from kernels import layer_norm as fused_layer_norm
-
-        return fused_layer_norm(x, ln.weight, ln.bias, ln.eps)
+        return kernels.layer_norm(x, ln.weight, ln.bias, ln.eps)
     return ln(x)
 
 
@@ -219,8 +218,11 @@ class GPTNeoX(nn.Module):
     """The full causal language model.
 
     `use_kernels`: True runs LayerNorm and causal attention through our Triton kernels
-    (kernels/), False through torch (F.layer_norm, SDPA), None (default) picks the kernels
-    on CUDA when Triton can run. It is the one switch; change it as an attribute any time.
+    (kernels/), in any dtype (fp32 kernels are the exact reference); False through torch
+    (F.layer_norm, SDPA); None (default) uses the kernels on CUDA for fp16/bf16 compute only,
+    where they compete with SDPA's (fp32 goes to SDPA). Where the kernels cannot run (no
+    triton, a GPU without tiles for this head dim: see kernels.available), the model uses
+    torch's ops and warns once. It is the one switch; change it as an attribute any time.
     """
 
     def __init__(self, config: ModelConfig, use_kernels: bool | None = None):
@@ -259,13 +261,16 @@ class GPTNeoX(nn.Module):
                 p.normal_(0.0, small)
 
     def _fused(self, x: torch.Tensor) -> bool:
-        if self.use_kernels is None:
-            if not x.is_cuda:
-                return False
-            import kernels
-
-            return kernels.available()
-        return self.use_kernels
+        """Whether this forward on x's device runs LayerNorm and attention through kernels/."""
+        if self.use_kernels is False:
+            return False
+        # The compute dtype: autocast's when it is on, else the embedding's (under FSDP's mixed
+        # precision the root's parameters are already in the compute dtype when forward runs).
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.embed_in.weight.dtype
+        if self.use_kernels is None and not (x.is_cuda and dtype in (torch.float16, torch.bfloat16)):
+            return False
+        return kernels.available(x.device, self.config.head_dim, dtype, warn=True)
 
     def forward(self, input_ids, positions=None, cache: KVCache | None = None, keep: torch.Tensor | None = None):
         """Logits for every position of `input_ids`, or only for those in `keep`.
