@@ -143,6 +143,7 @@ def load(args):
     """The model and tokenizer named by --model, on --device in --dtype."""
     import torch
 
+    import kernels
     from minidolly import load_model, load_tokenizer, prepare_for_cpu
 
     device = args.device
@@ -151,9 +152,9 @@ def load(args):
     elif device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu.")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    if args.kernels == "on" and not kernels_can_run(device):
-        raise UsageError(f"--kernels on: minidolly's Triton kernels cannot run on {device} here (they need triton and "
-                         f"a CUDA GPU, or TRITON_INTERPRET=1 on CPU); use --kernels auto or off.")
+    if args.kernels == "on" and (reason := kernels.unavailable_reason(device)) is not None:
+        raise UsageError(f"--kernels on: minidolly's Triton kernels cannot run here: {reason}; "
+                         "use --kernels auto or off.")
     print(f"loading {args.model} ({dtype}, {device}) ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     weights = dict(dtype=getattr(torch, dtype), device=device, use_kernels=KERNELS[args.kernels], quantize=args.quantize,
@@ -172,14 +173,6 @@ def load(args):
     prepare_for_cpu(model)  # 16-bit linears get the CPU's fastest kernel (minidolly/quantize.py)
     print(f"loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
     return model, tokenizer
-
-
-def kernels_can_run(device: str) -> bool:
-    """Whether kernels/ can run on `device`: on CUDA when kernels.available() says so, on CPU
-    only under Triton's interpreter."""
-    import kernels
-
-    return kernels.available() and (device != "cpu" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def answer(model, tokenizer, args, instruction, context):

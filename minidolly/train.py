@@ -43,6 +43,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
+import kernels  # our Triton kernels; importing them is cheap (triton loads on first use)
+
 from .checkpoint import DownloadError, load_model, resolve, save_model
 from .config import ModelConfig, hub_id, size_key
 from .data import (
@@ -205,13 +207,6 @@ def resolve_sources(cfg: TrainConfig, *, offline: bool = False) -> Sources:
 
 
 # ----------------------------------------------------------- model & optimizer
-
-
-def kernels_can_run(device: torch.device) -> bool:
-    """Whether our Triton kernels (kernels/) can run on `device` in this process."""
-    import kernels
-
-    return kernels.available()  # where kernels.available takes the device, pass it `device`
 
 
 def build_model(sources: Sources, cfg: TrainConfig, device: torch.device, compute_dtype) -> GPTNeoX:
@@ -394,9 +389,8 @@ def _check_options(cfg: TrainConfig, env: Distributed) -> torch.dtype | None:
         # torch 2.13's inductor emits C++ that does not compile for the bf16 layer backward
         raise UsageError("--compile with --precision bf16 fails inside torch.compile on CPU (an inductor bug); "
                          "use one of the two.")
-    if cfg.kernels == "on" and not kernels_can_run(env.device):
-        raise UsageError(f"--kernels on: our Triton kernels cannot run on {env.device.type} here (they need triton "
-                         f"and a GPU they fit, or TRITON_INTERPRET=1 on CPU); use --kernels auto or off.")
+    if cfg.kernels == "on" and (reason := kernels.unavailable_reason(env.device)) is not None:
+        raise UsageError(f"--kernels on: our Triton kernels cannot run here: {reason}; use --kernels auto or off.")
     return torch.bfloat16 if bf16 else None
 
 

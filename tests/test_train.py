@@ -459,7 +459,7 @@ def test_kernels_flag_sets_the_models_switch(choice, use_kernels, tiny, one_rank
 
 
 def test_kernels_on_where_they_cannot_run_exits_2(tiny, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("kernels.available", lambda *args, **kwargs: False)
+    monkeypatch.setattr("kernels.unavailable_reason", lambda *args, **kwargs: "no GPU here")
     assert cli.main(common(tiny, tmp_path, "--kernels", "on")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--kernels on" in err, err
