@@ -232,7 +232,8 @@ def output_dir(cfg: TrainConfig) -> str:
 # The settings that define a run. A checkpoint records them, and --resume refuses to continue
 # it under others: its weights, optimizer state and data order were made with these. The data
 # is compared by content (its sha256), so a moved copy is the same data and a shuffled one is
-# not. LoRA's settings and its base model's identity belong here too.
+# not. LoRA's settings belong here too (a value that is not a flag, such as a base model's
+# identity, joins `run_record`'s `defines`).
 RUN_SETTINGS = ("size", "init", "data", "seed", "global_batch_size", "max_length", "val_size", "precision")
 
 # The settings that only steer the optimisation from here on: a resumed run applies the new
@@ -349,10 +350,12 @@ def build_optimizer(model, cfg: TrainConfig, total_steps: int):
     # fused: one kernel for the whole update instead of a loop over tensors (CUDA and CPU alike)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(total_steps)
+
     def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
         if cfg.schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         if cfg.schedule == "linear":

@@ -133,8 +133,12 @@ def test_loss_and_gradients_equal_transformers_on_real_records(tiny):
 
 def test_two_ranks_take_the_same_steps_as_one(tiny, reference, tmp_path):
     # checkpointing activations and compiling the layers change memory and speed, never the numbers
-    r = run_cli(*common(tiny, tmp_path, "--activation-checkpointing", "--compile"), torchrun=True)
+    r = run_cli(*common(tiny, tmp_path, "--activation-checkpointing", "--compile", "--save-every", "2"), torchrun=True)
     assert r.returncode == 0, r.stderr[-3000:]
+    # both ranks' shards are in the manifest the ranks hashed together
+    manifest = json.loads((tmp_path / "checkpoints" / "step-00000004" / "manifest.json").read_text())
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(manifest["files"])
+    assert resume.verify_checkpoint(str(tmp_path / "checkpoints" / "step-00000004")) is None
     one, two = losses(reference), losses(tmp_path)
     assert sorted(two) == list(range(1, STEPS + 1))
     for step in one:
