@@ -20,10 +20,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except where there is none to show (None, a switch
+    that is off) or the help text already says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> TrainConfig:
     """Flags -> TrainConfig (defaults: Dolly v2's recipe)."""
     d = TrainConfig()
-    p = _Parser(description="Fine-tune a GPT-NeoX/Pythia model on databricks-dolly-15k (Dolly v2's recipe).")
+    p = _Parser(description="Fine-tune a GPT-NeoX/Pythia model on databricks-dolly-15k (Dolly v2's recipe).",
+                formatter_class=_Help)
     g = p.add_argument_group("model and data")
     g.add_argument("--size", help="Pythia shape: 14m, 31m, 70m, 160m, 410m, 1b, 1.4b, 2.8b, 6.9b, 12b")
     g.add_argument("--init", help="weights to start from: a local HF checkpoint dir, a Hub id, or 'scratch' "
@@ -35,16 +46,16 @@ def parse_args(argv=None) -> TrainConfig:
     g.add_argument("--max-length", type=int, default=d.max_length, help="drop examples longer than this (tokens)")
     g.add_argument("--val-size", type=int, default=d.val_size, help="examples held out for validation")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
     g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
     g.add_argument("--global-batch-size", type=int, default=d.global_batch_size, help="examples per optimizer step")
     g.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size, help="examples per forward per rank")
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps")
+    g.add_argument("--warmup-steps", type=int, help="linear warmup steps (default: 50, or a tenth of a shorter run)")
     g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="after warmup")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay (not on biases/LayerNorms)")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip gradients to this norm (0: off)")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=int, default=d.seed, help="data order, validation split, scratch init")
     g = p.add_argument_group("memory and precision")
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision, help="auto: bf16 on GPU, fp32 on CPU")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each layer in backward")
@@ -61,7 +72,10 @@ def parse_args(argv=None) -> TrainConfig:
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between validations (0: start and end only)")
     g.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: none)")
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="how many checkpoints to keep")
-    g.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    g.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out "
+                                                         "(--lr, warm-up, schedule, clipping, steps and cadence may change)")
+    g.add_argument("--overwrite", action="store_true", help="replace the run already in --out (without it, a run "
+                                                            "refuses an --out that holds one)")
     g.add_argument("--stop-after-step", type=int, help=argparse.SUPPRESS)  # tests: simulate a crash
     return TrainConfig(**vars(p.parse_args(argv)))
 

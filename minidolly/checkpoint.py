@@ -384,4 +384,8 @@ def _dump_json(obj, path):
 def _write_atomic(path: str, write) -> None:
     tmp = path + ".tmp"
     write(tmp)
+    # the mode a plain open() gives (0644 under the usual umask): safetensors writes 0600
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)

@@ -60,7 +60,11 @@ DOLLY_EXCERPTS = {
 
 
 class DataError(ValueError):
-    """A line of the data file is not a valid databricks-dolly-15k record."""
+    """A line of the data file is not a valid databricks-dolly-15k record, or no line is."""
+
+
+class DataWarning(UserWarning):
+    """The data file loads but deserves a look (it matches no published release)."""
 
 
 # ---------------------------------------------------------------------- records
@@ -107,15 +111,17 @@ def load_records(path: str | None = None, *, skip_bad_records: bool = False) -> 
     databricks/databricks-dolly-15k into the Hugging Face cache (once). Every non-blank line
     must be a JSON object with string fields instruction, context, response and category;
     records whose response is empty or whitespace are skipped and counted (there is nothing
-    to learn from them). A file whose sha256 matches no known release warns but still loads.
+    to learn from them). A file whose sha256 matches no known release warns (DataWarning) but
+    still loads.
 
     Returns (records, stats): records are dicts with exactly the four fields, in file order;
     stats = {"path", "records", "bad_lines", "empty_response", "sha256", "release"} where
     release describes the recognised release or excerpt, or is None.
 
     Raises FileNotFoundError for a missing file, DownloadError when `path` is None and the Hub
-    cannot be reached, and DataError naming the file and line for a malformed line (unless
-    `skip_bad_records`, which skips and counts such lines instead).
+    cannot be reached, DataError naming the file and line for a malformed line (unless
+    `skip_bad_records`, which skips and counts such lines instead), and DataError when no
+    line is a usable record (saying what the lines were).
     """
     if path is None:
         try:
@@ -138,13 +144,18 @@ def load_records(path: str | None = None, *, skip_bad_records: bool = False) -> 
         warnings.warn(
             f"{path} (sha256 {sha256[:16]}...) matches no published release of databricks-dolly-15k; "
             f"loading it anyway.",
+            DataWarning,
             stacklevel=2,
         )
 
-    records, bad_lines, empty_response = [], 0, 0
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+    records, bad_lines, empty_response, blank = [], 0, 0, 0
+    lines = data.split(b"\n")
+    if lines[-1] == b"":  # the newline that ends the last line starts no new one
+        lines.pop()
+    for lineno, raw in enumerate(lines, start=1):
         rec = _parse_line(raw)
         if rec is None:
+            blank += 1
             continue
         if isinstance(rec, str):
             if not skip_bad_records:
@@ -156,6 +167,10 @@ def load_records(path: str | None = None, *, skip_bad_records: bool = False) -> 
             empty_response += 1
             continue
         records.append(rec)
+    if not records:
+        counts = [f"{n} {what}" for n, what in ((blank, "blank"), (bad_lines, "malformed, skipped by --skip-bad-records"),
+                                                (empty_response, "with an empty response")) if n]
+        raise DataError(f"No usable records in {path} ({len(lines)} lines{': ' if counts else ''}{', '.join(counts)}).")
     stats = {"path": path, "records": len(records), "bad_lines": bad_lines, "empty_response": empty_response,
              "sha256": sha256, "release": release}
     return records, stats

@@ -1,7 +1,7 @@
 """What a training run reports: <out>/metrics.jsonl, the progress line, and loss.png.
 
     log = MetricsLog(os.path.join(out, "metrics.jsonl"), is_main=True)
-    log.start(resumed_step=None)        # a fresh run: an empty file
+    log.start(resumed_step=None)        # a fresh run: an empty file; a resumed one keeps its rows
     log.write({"step": 1, "loss": 2.5, ...})
     plot_loss(log.path, os.path.join(out, "loss.png"))
 
@@ -27,6 +27,7 @@ class MetricsLog:
     def __init__(self, path: str, is_main: bool):
         self.path = path
         self.is_main = is_main
+        self.count = 0  # rows this run has written, counted on every rank alike
 
     def rows(self) -> list[dict]:
         """Every row written so far (none when the file does not exist)."""
@@ -35,18 +36,28 @@ class MetricsLog:
         with open(self.path) as f:
             return [json.loads(line) for line in f if line.strip()]
 
-    def start(self, resumed_step: int | None) -> None:
-        """Begin the file: empty for a fresh run; for a run resumed after `resumed_step`, the
-        rows up to that step (the rows after it belong to steps that will now run again)."""
+    def start(self, resumed_step: int | None, rows: int | None = None) -> None:
+        """Begin the file: empty for a fresh run. A run resumed after `resumed_step` keeps the
+        first `rows` rows, the count its checkpoint recorded, so rows written after the
+        checkpoint (those of steps that now run again, an evaluation whose final save then
+        crashed) are dropped and none appears twice. Without `rows`, the rows up to
+        `resumed_step`."""
+        if resumed_step is None:
+            kept = []
+        elif rows is not None:
+            kept = self.rows()[:rows] if self.is_main else []
+        else:
+            kept = [r for r in self.rows() if r["step"] <= resumed_step] if self.is_main else []
+        self.count = rows if rows is not None else len(kept)
         if not self.is_main:
             return
-        rows = [r for r in self.rows() if r["step"] <= resumed_step] if resumed_step is not None else []
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         with open(self.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+            f.writelines(json.dumps(r) + "\n" for r in kept)
 
     def write(self, row: dict) -> None:
         """Append one row."""
+        self.count += 1
         if self.is_main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -13,6 +13,9 @@ The model file knows nothing of this module. Here we
 
 Each FSDP unit all-gathers its parameters just before it runs and frees them right after,
 so at any moment a rank holds 1/N of the model plus about two unsharded layers.
+
+FSDP and the checkpoint wrapper are imported by the functions that apply them: FSDP pulls in
+DTensor (a second or more), which the memory plan (`needs_fsdp`, `train.py --dry-run`) never needs.
 """
 
 from __future__ import annotations
@@ -24,8 +27,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 
 @dataclass
@@ -72,6 +73,8 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each layer's activations in the backward pass instead of storing them:
     a layer then keeps only its input (B, T, C) alive between forward and backward, at the
     price of one more forward per layer (~33% more compute)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
     for i, layer in enumerate(model.layers):
         model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
 
@@ -111,6 +114,8 @@ def apply_fsdp(model: nn.Module, *, param_dtype: torch.dtype | None = None,
     divides each rank's summed token loss by the global batch's target-token count, so the
     sum is exactly the gradient of the global token-mean loss.
     """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
     kwargs = dict(mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
                   offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
     n = len(model.layers)

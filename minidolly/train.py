@@ -36,12 +36,12 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 import kernels  # our Triton kernels; importing them is cheap (triton loads on first use)
 
@@ -50,6 +50,7 @@ from .config import ModelConfig, hub_id, size_key
 from .data import (
     IGNORE_INDEX,
     BatchSampler,
+    DataWarning,
     Example,
     Step,
     collate,
@@ -70,7 +71,16 @@ from .parallel import (
     init_distributed,
     needs_fsdp,
 )
-from .resume import ResumeError, checkpoint_dirs, load_checkpoint, resume_from, save_checkpoint
+from .resume import (
+    CheckpointSaveError,
+    ResumeError,
+    checkpoint_dirs,
+    clear_run,
+    load_checkpoint,
+    read_run,
+    resume_from,
+    save_checkpoint,
+)
 from .tokenizer import Tokenizer, load_tokenizer
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -91,7 +101,8 @@ class TrainingStopped(RuntimeError):
 class TrainConfig:
     """Every knob of a run; `train.py --help` documents each flag of the same name.
     Defaults are Dolly v2's recipe (databrickslabs/dolly: lr 5e-6, 2 epochs, warmup 50 steps
-    then constant (DeepSpeed WarmupLR), AdamW without weight decay, global batch 48)."""
+    then constant (DeepSpeed WarmupLR), AdamW without weight decay, global batch 48); a run
+    shorter than 500 steps warms up for a tenth of its steps."""
 
     size: str | None = None  # Pythia shape, e.g. "70m"; optional when --init is a local checkpoint
     init: str | None = None  # None: EleutherAI/pythia-<size>; "scratch"; a local dir or Hub id
@@ -104,7 +115,7 @@ class TrainConfig:
     global_batch_size: int = 48
     micro_batch_size: int = 8
     lr: float = 5e-6
-    warmup_steps: int = 50
+    warmup_steps: int | None = None  # None: 50, or a tenth of a shorter run (`default_warmup`)
     schedule: str = "constant"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables clipping
@@ -121,6 +132,7 @@ class TrainConfig:
     kernels: str = "auto"  # our Triton kernels: auto (on CUDA where they run), on, off
     skip_bad_records: bool = False
     resume: bool = False
+    overwrite: bool = False  # replace the run already in --out
     dry_run: bool = False
     world_size: int | None = None  # --dry-run only: plan for this many ranks
     device_memory: float | None = None  # --dry-run only: plan for GPUs of this many GiB
@@ -129,12 +141,12 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise UsageError naming the first flag whose value cannot work."""
         positive = ["max_length", "epochs", "global_batch_size", "micro_batch_size", "log_every", "keep_checkpoints"]
-        at_least_zero = ["warmup_steps", "val_size", "eval_every", "save_every"]
+        at_least_zero = ["val_size", "eval_every", "save_every"]
         for name in positive + at_least_zero:
             value, low = getattr(self, name), 1 if name in positive else 0
             if not isinstance(value, int) or value < low:
                 raise UsageError(f"--{_flag(name)} must be an integer >= {low}, got {value!r}.")
-        for name, low in (("max_steps", 1), ("world_size", 1), ("stop_after_step", 1)):
+        for name, low in (("max_steps", 1), ("world_size", 1), ("stop_after_step", 1), ("warmup_steps", 0)):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < low):
                 raise UsageError(f"--{_flag(name)} must be an integer >= {low}, got {value!r}.")
@@ -151,6 +163,8 @@ class TrainConfig:
             raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
         if self.kernels not in KERNELS:
             raise UsageError(f"--kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}.")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume continues the run in --out and --overwrite replaces it; pass one of them.")
         if not self.dry_run and (self.world_size is not None or self.device_memory is not None):
             raise UsageError("--world-size and --device-memory only plan (--dry-run); a real run takes its world "
                              "size from torchrun and its memory from the devices it sees.")
@@ -189,7 +203,7 @@ def resolve_sources(cfg: TrainConfig, *, offline: bool = False) -> Sources:
     """
     preset = ModelConfig.from_size(cfg.size) if cfg.size else None
     init = cfg.init or hub_id(cfg.size)
-    name = size_key(cfg.size) if cfg.size else os.path.basename(os.path.normpath(init))
+    name = _run_name(cfg)
     if init == "scratch":
         return Sources(preset, "scratch", cfg.tokenizer or hub_id(cfg.size), name)
     if offline and not os.path.isdir(os.path.expanduser(init)):
@@ -204,6 +218,67 @@ def resolve_sources(cfg: TrainConfig, *, offline: bool = False) -> Sources:
             raise UsageError(f"--init {init} has {config.num_layers} layers of width {config.hidden_size} but "
                              f"--size {cfg.size} has {preset.num_layers} of width {preset.hidden_size}; drop one of them.")
     return Sources(config, directory, cfg.tokenizer or directory, name)
+
+
+def _run_name(cfg: TrainConfig) -> str:
+    return size_key(cfg.size) if cfg.size else os.path.basename(os.path.normpath(cfg.init))
+
+
+def output_dir(cfg: TrainConfig) -> str:
+    """--out, or runs/dolly-<size> (runs/dolly-<--init's directory name> without --size)."""
+    return cfg.out or os.path.join("runs", f"dolly-{_run_name(cfg)}")
+
+
+# ------------------------------------------------------- what a resume may change
+
+# The settings that define a run. A checkpoint records them, and --resume refuses to continue
+# it under others: its weights, optimizer state and data order were made with these. The data
+# is compared by content (its sha256), so a moved copy is the same data and a shuffled one is
+# not. LoRA's settings belong here too (a value that is not a flag, such as a base model's
+# identity, joins `run_record`'s `defines`).
+RUN_SETTINGS = ("size", "init", "data", "seed", "global_batch_size", "max_length", "val_size", "precision")
+
+# The settings that only steer the optimisation from here on: a resumed run applies the new
+# value and prints one line per change (the NaN advice "try a lower --lr" relies on it).
+STEERING_SETTINGS = ("lr", "warmup_steps", "schedule", "weight_decay", "max_grad_norm", "epochs", "max_steps",
+                     "eval_every", "save_every", "log_every", "keep_checkpoints")
+
+
+def run_record(cfg: TrainConfig, data_sha256: str) -> dict:
+    """What a checkpoint records of the run: {"defines": RUN_SETTINGS, "steers":
+    STEERING_SETTINGS}, by name. The size is normalised ("pythia-70m" is "70m") and the data is
+    the file's sha256."""
+    defines = {name: getattr(cfg, name) for name in RUN_SETTINGS}
+    defines |= {"size": size_key(cfg.size) if cfg.size else None, "data": data_sha256}
+    return {"defines": defines, "steers": {name: getattr(cfg, name) for name in STEERING_SETTINGS}}
+
+
+def compare_runs(record: dict, saved: dict, path: str) -> list[str]:
+    """Hold this run's `record` against the one saved with the checkpoint at `path`. Raises
+    UsageError naming every run-defining setting that differs (one the checkpoint predates
+    counts as its default); returns one line per steering setting that changed, e.g.
+    "--lr 1e-05 (checkpoint: 0.001)"."""
+    def shown(name, value):
+        return "(default)" if value is None else f"sha256 {value[:12]}..." if name == "data" else value
+
+    if not saved:
+        return []  # a checkpoint saved without a record (outside the loop): nothing to hold it to
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    old = {k: saved.get("defines", {}).get(k, defaults.get(k)) for k in record["defines"]}
+    new = record["defines"]
+    differ = [f"--{_flag(k)} {shown(k, new[k])} (checkpoint: {shown(k, old[k])})" for k in new if old[k] != new[k]]
+    if differ:
+        raise UsageError(f"--resume: this run's settings differ from those of the checkpoint {path}: "
+                         f"{', '.join(differ)}; resume with the checkpoint's settings, or start afresh with "
+                         f"--overwrite or another --out.")
+    old, new = saved.get("steers", {}), record["steers"]
+    return [f"--{_flag(k)} {new[k]} (checkpoint: {old[k]})" for k in new if k in old and old[k] != new[k]]
+
+
+def default_warmup(total_steps: int) -> int:
+    """--warmup-steps when not given: Dolly's 50 steps, or a tenth of a shorter run, so that a
+    short run spends most of its steps at the learning rate it asked for."""
+    return min(50, total_steps // 10)
 
 
 # ----------------------------------------------------------- model & optimizer
@@ -223,6 +298,8 @@ def build_model(sources: Sources, cfg: TrainConfig, device: torch.device, comput
     --kernels sets `GPTNeoX.use_kernels`. Raises UsageError (on every rank) when rank 0
     cannot read the checkpoint.
     """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict  # DTensor: not at import
+
     with torch.device("meta"):
         model = GPTNeoX(sources.config, use_kernels=KERNELS[cfg.kernels])
     if cfg.activation_checkpointing:
@@ -268,10 +345,12 @@ def build_optimizer(model, cfg: TrainConfig, total_steps: int):
     # fused: one kernel for the whole update instead of a loop over tensors (CUDA and CPU alike)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(total_steps)
+
     def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
         if cfg.schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         if cfg.schedule == "linear":
@@ -329,6 +408,8 @@ def evaluate(model, examples, micro_batch_size: int, pad_id: int, device) -> flo
 def save_final(directory: str, model, tokenizer, dtype: torch.dtype) -> None:
     """Gather the full weights onto rank 0 (one tensor at a time, into host memory: 4·P
     bytes) and write them in `dtype` with the tokenizer in Hugging Face format."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
         for k in full:  # in place: each fp32 tensor is freed as its copy is made
@@ -361,6 +442,7 @@ class Run:
     total_steps: int
     metrics: MetricsLog
     step: int = 0  # optimizer steps taken
+    record: dict = dataclasses.field(default_factory=dict)  # `run_record`, saved with each checkpoint
 
 
 def dry_run(cfg: TrainConfig) -> MemoryPlan:
@@ -404,7 +486,10 @@ def _read_inputs(cfg: TrainConfig, env):
         if len(tokenizer) > sources.config.vocab_size:
             raise UsageError(f"The tokenizer {sources.tokenizer} has {len(tokenizer)} tokens but the model's "
                              f"embedding has only {sources.config.vocab_size} rows; pass a matching --tokenizer.")
-        records, data_stats = load_records(cfg.data, skip_bad_records=cfg.skip_bad_records)
+        with warnings.catch_warnings(record=True) as caught:  # said once, by rank 0, as our own lines
+            warnings.simplefilter("always", DataWarning)
+            records, data_stats = load_records(cfg.data, skip_bad_records=cfg.skip_bad_records)
+        data_stats["warnings"] = [str(w.message) for w in caught]
         examples, token_stats = tokenize_records(records, tokenizer, cfg.max_length)
         train_set, val_set = train_val_split(examples, cfg.val_size, cfg.seed)
         sampler = BatchSampler([len(e.input_ids) for e in train_set], cfg.global_batch_size, cfg.micro_batch_size,
@@ -422,19 +507,31 @@ def _read_inputs(cfg: TrainConfig, env):
 
 def setup(cfg: TrainConfig, env: Distributed) -> Run:
     """Everything before the first step, in the order that fails cheapest first: the options,
-    the inputs, the resume policy (`resume_from`), the memory plan (a plan that does not
-    fit stops here, printing it), the banner, the model and optimizer, the checkpoint to
-    continue from, train_config.json and metrics.jsonl. Raises UsageError."""
+    --out and the resume policy (`resume_from`), the inputs, the checkpoint's settings against
+    this run's (`compare_runs`), the memory plan (a plan that does not fit stops here, printing
+    it), the banner, the model and optimizer, the checkpoint to continue from,
+    train_config.json and metrics.jsonl. Raises UsageError."""
     compute_dtype = _check_options(cfg, env)
     torch.manual_seed(cfg.seed)
-    sources, tokenizer, train_set, val_set, sampler, stats = _read_inputs(cfg, env)
-    out = cfg.out or os.path.join("runs", f"dolly-{sources.name}")
+    out = output_dir(cfg)
     try:
-        resume_path = resume_from(out, cfg.resume)
+        resume_path, notes = resume_from(out, cfg.resume, cfg.overwrite)
     except ResumeError as e:
         raise UsageError(str(e)) from None
+    _warn(env, *notes)
+    sources, tokenizer, train_set, val_set, sampler, stats = _read_inputs(cfg, env)
+    _warn(env, *stats["warnings"])
 
     total_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
+    if cfg.warmup_steps is None:
+        cfg = dataclasses.replace(cfg, warmup_steps=default_warmup(total_steps))
+    record, saved, changes = run_record(cfg, stats["sha256"]), {}, []
+    if resume_path:
+        try:
+            saved = read_run(resume_path)
+        except ResumeError as e:
+            raise UsageError(str(e)) from None
+        changes = compare_runs(record, saved, resume_path)
     accumulation = cfg.global_batch_size // (cfg.micro_batch_size * env.world_size)
     plan = plan_memory(sources.config, cfg, env.world_size, seq_len=max(sampler.lengths))
     if not plan.fits:
@@ -444,33 +541,42 @@ def setup(cfg: TrainConfig, env: Distributed) -> Run:
     _say(env,
          f"model: {sources.init if sources.init == 'scratch' else 'from ' + sources.init} "
          f"({sources.config.num_params() / 1e6:.1f}M parameters), tokenizer {sources.tokenizer}",
-         f"data: {stats['path']}: {stats['records']} records -> {stats['examples']} examples "
-         f"({stats['too_long']} longer than {cfg.max_length} tokens dropped), {len(train_set)} train / "
+         f"data: {stats['path']}: {stats['records']} records -> {stats['examples']} examples, {len(train_set)} train / "
          f"{len(val_set)} validation",
+         f"dropped: {stats['bad_lines']} bad lines (--skip-bad-records), {stats['empty_response']} empty responses, "
+         f"{stats['too_long']} longer than --max-length {cfg.max_length}",
          f"ranks: {env.world_size} x {env.device.type}, {'bf16' if compute_dtype else 'fp32'} compute; global batch "
          f"{cfg.global_batch_size} = {accumulation} micro-batches of {cfg.micro_batch_size} x {env.world_size} "
-         f"rank(s); {total_steps} steps ({sampler.steps_per_epoch} per epoch)",
+         f"rank(s); {total_steps} steps ({sampler.steps_per_epoch} per epoch), {cfg.warmup_steps} of warm-up",
          f"memory: {plan.total('device') / GiB:.2f} GiB per rank planned on {plan.device_name}; {plan.note or 'no accumulation'}",
-         f"output: {out}")
+         f"output: {out}{' (replacing the run there: --overwrite)' if cfg.overwrite else ''}")
 
     model = build_model(sources, cfg, env.device, compute_dtype)
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     run = Run(cfg=cfg, env=env, sources=sources, tokenizer=tokenizer, train_set=train_set, val_set=val_set,
               sampler=sampler, plan=plan, out=out, model=model, optimizer=optimizer, scheduler=scheduler,
               compute_dtype=compute_dtype, total_steps=total_steps,
-              metrics=MetricsLog(os.path.join(out, "metrics.jsonl"), env.is_main))
+              metrics=MetricsLog(os.path.join(out, "metrics.jsonl"), env.is_main), record=record)
     if resume_path:
         try:
             run.step = load_checkpoint(resume_path, model, optimizer, scheduler, sampler)
         except ResumeError as e:
             raise UsageError(str(e)) from None
-        _say(env, f"resumed from {resume_path} after step {run.step}")
+        _say(env, f"resumed from {resume_path} after step {run.step}", *(f"resume: {c}" for c in changes))
     if env.is_main:
+        if cfg.overwrite:
+            clear_run(out)
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "train_config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
-    run.metrics.start(run.step if resume_path else None)
+    run.metrics.start(run.step if resume_path else None, rows=saved.get("metrics_rows"))
     return run
+
+
+def _warn(env, *lines) -> None:
+    if env.is_main:
+        for line in lines:
+            print(f"warning: {line}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------ the loop
@@ -552,7 +658,11 @@ def after_step(run: Run, batch: Step, result: StepResult, seconds: float, eta: f
     if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total_steps:
         _evaluate(run)
     if cfg.save_every and step % cfg.save_every == 0:
-        path = save_checkpoint(run.out, step, run.model, run.optimizer, run.scheduler, run.sampler, cfg.keep_checkpoints)
+        try:
+            path = save_checkpoint(run.out, step, run.model, run.optimizer, run.scheduler, run.sampler,
+                                   cfg.keep_checkpoints, run={**run.record, "metrics_rows": run.metrics.count})
+        except CheckpointSaveError as e:
+            raise TrainingStopped(str(e)) from None
         _say(run.env, f"saved {path}")
     if cfg.stop_after_step == step:
         sys.stdout.flush()

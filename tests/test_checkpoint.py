@@ -44,6 +44,15 @@ def test_sharded_save_and_load(ckpt_14m, tmp_path):
     assert (logits(hf) - logits(model)).abs().max().item() < 1e-5
 
 
+def test_saved_files_get_the_usual_mode(ckpt_14m, tmp_path):
+    # safetensors writes its file 0600; final/ should read like any other file the user makes
+    save_model(load_model(ckpt_14m[0]), tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {name: oct(os.stat(tmp_path / name).st_mode & 0o777) for name in os.listdir(tmp_path)}
+    assert modes == dict.fromkeys(["config.json", "model.safetensors"], oct(0o666 & ~umask))
+
+
 def test_bin_checkpoints_with_legacy_buffers(ckpt_14m, tmp_path):
     """The official dolly-v2 weights: pytorch_model.bin shards holding attention.bias,
     attention.masked_bias and rotary inv_freq buffers besides the weights."""

@@ -126,6 +126,21 @@ def test_skip_bad_records_blank_lines_and_empty_responses(tmp_path):
     assert [r["instruction"] for r in recs] == [json.loads(real_lines(8)[i])["instruction"] for i in (0, 1, 3, 5, 7)]
 
 
+@pytest.mark.parametrize("content, skip, what", [
+    ("", False, "(0 lines)"),
+    ("\n  \n", False, "(2 lines: 2 blank)"),
+    ('{not json\n\n{"instruction": "x", "context": "", "response": " ", "category": "open_qa"}\n', True,
+     "(3 lines: 1 blank, 1 malformed, skipped by --skip-bad-records, 1 with an empty response)"),
+])
+def test_a_file_without_usable_records_says_what_its_lines_were(tmp_path, content, skip, what):
+    # It used to load "successfully" and fail later on --val-size.
+    path = tmp_path / "data.jsonl"
+    path.write_text(content)
+    with pytest.warns(UserWarning), pytest.raises(DataError) as e:
+        load_records(str(path), skip_bad_records=skip)
+    assert str(e.value) == f"No usable records in {path} {what}."
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         load_records(str(tmp_path / "nope.jsonl"))

@@ -6,9 +6,12 @@ Dolly records cut to 96 tokens, so every run takes seconds on a CPU.
 """
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -130,8 +133,12 @@ def test_loss_and_gradients_equal_transformers_on_real_records(tiny):
 
 def test_two_ranks_take_the_same_steps_as_one(tiny, reference, tmp_path):
     # checkpointing activations and compiling the layers change memory and speed, never the numbers
-    r = run_cli(*common(tiny, tmp_path, "--activation-checkpointing", "--compile"), torchrun=True)
+    r = run_cli(*common(tiny, tmp_path, "--activation-checkpointing", "--compile", "--save-every", "2"), torchrun=True)
     assert r.returncode == 0, r.stderr[-3000:]
+    # both ranks' shards are in the manifest the ranks hashed together
+    manifest = json.loads((tmp_path / "checkpoints" / "step-00000004" / "manifest.json").read_text())
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(manifest["files"])
+    assert resume.verify_checkpoint(str(tmp_path / "checkpoints" / "step-00000004")) is None
     one, two = losses(reference), losses(tmp_path)
     assert sorted(two) == list(range(1, STEPS + 1))
     for step in one:
@@ -304,6 +311,83 @@ def test_bad_inputs_exit_2_with_one_line(tiny, tmp_path, capsys):
     # and for real, in a fresh process: exactly one line, no traceback
     r = run_cli(*common(tiny, tmp_path / "f", "--data", str(tmp_path / "missing.jsonl")))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_help_shows_the_defaults(capsys):
+    assert exit_code(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for shown in ("--lr LR peak learning rate (default: 5e-06)", "(default: 48)", "(default: 2048)",
+                  "--warmup-steps WARMUP_STEPS linear warmup steps (default: 50, or a tenth of a shorter run)"):
+        assert shown in text, shown
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def _readme_train_commands():
+    """The `python train.py ...` commands of the README, as argument lists."""
+    commands = []
+    for line in (REPO / "README.md").read_text().splitlines():
+        for part in line.split("&&"):
+            part = part.split("#")[0].strip()
+            if part.startswith("python train.py"):
+                commands.append(shlex.split(part)[2:])
+    return commands
+
+
+def test_the_readme_dry_run_fits_and_imports_no_sharding_machinery():
+    # The README's 12b plan lacked --device-memory 80 --micro-batch-size 6, so on a laptop it
+    # said DOES NOT FIT and that the batch would be refused. And the plan is arithmetic: it
+    # should not import DCP, FSDP or DTensor (about a second of its few).
+    (dry,) = [c for c in _readme_train_commands() if "--dry-run" in c]
+    probe = ("import runpy, sys\n"
+             "sys.argv = ['train.py', *sys.argv[1:]]\n"
+             "try:\n    runpy.run_path('train.py', run_name='__main__')\n"
+             "except SystemExit as e:\n    assert not e.code, e.code\n"
+             "heavy = ('torch.distributed.checkpoint', 'torch.distributed.fsdp', 'torch.distributed.tensor')\n"
+             "print('imported:', sorted(m for m in sys.modules if m.startswith(heavy)))\n")
+    r = subprocess.run([sys.executable, "-c", probe, *dry], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "-> fits" in r.stdout and "DOES NOT FIT" not in r.stdout and "refuse" not in r.stdout, r.stdout
+    assert "imported: []" in r.stdout
+
+
+def test_the_readme_run_is_not_all_warm_up():
+    # The README's 50-step run spent all 50 steps in the default 50-step warm-up.
+    from minidolly.train import default_warmup
+
+    (run,) = [c for c in _readme_train_commands() if "--max-steps" in c]
+    cfg = cli.parse_args(run)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(cfg.max_steps)
+    assert warmup <= cfg.max_steps // 5, (warmup, cfg.max_steps)
+    assert default_warmup(50) == 5 and default_warmup(5000) == 50  # Dolly's 50 for a real run
+
+
+def test_the_banner_counts_what_was_dropped_and_warns_in_one_line(tiny, tmp_path, capsys, recwarn):
+    # Records skipped by --skip-bad-records, dropped for an empty response or for their length
+    # were counted and never shown; the unknown-file warning came as a Python warning with
+    # its source line echoed. A run shorter than the warm-up warms up for a tenth of it.
+    lines = open(DOLLY_RECORDS).read().splitlines()[:120]
+    empty = json.loads(lines[5])
+    empty["response"] = " "
+    lines[5] = json.dumps(empty)
+    lines.insert(7, "{not json")
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    args = common(tiny, tmp_path / "out", "--data", str(data), "--skip-bad-records", "--val-size", "4",
+                  "--max-steps", "10", "--log-every", "100")
+    i = args.index("--warmup-steps")
+    del args[i : i + 2]
+    assert cli.main(args) == 0
+    out, err = capsys.readouterr()
+    kept = re.search(r"data: .*: 119 records -> (\d+) examples", out)
+    dropped = re.search(r"dropped: 1 bad lines \(--skip-bad-records\), 1 empty responses, (\d+) longer than "
+                        r"--max-length 96", out)
+    assert kept and dropped and int(kept[1]) + int(dropped[1]) == 119, out
+    assert "10 steps (5 per epoch), 1 of warm-up" in out
+    assert json.loads((tmp_path / "out" / "train_config.json").read_text())["warmup_steps"] == 1
+    assert err.strip().splitlines() == [f"warning: {data} (sha256 {hashlib.sha256(data.read_bytes()).hexdigest()[:16]}...) "
+                                        f"matches no published release of databricks-dolly-15k; loading it anyway."]
+    assert not [w for w in recwarn if "published release" in str(w.message)]  # said once, as our line
 
 
 def test_plan_arithmetic():
