@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="Databricks' Dolly 2.0 (GPT-NeoX / Pythia) from scratch in PyTorch: model, FSDP2 training, Triton kernels.",
     packages=["minidolly", "kernels"],
+    package_data={"minidolly": ["static/*.html"]},  # the chat page that `generate.py --serve` serves at /
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.6",
@@ -15,7 +16,8 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.40"],
+        "test": ["pytest", "transformers>=4.40", "openai>=1.0", "selenium>=4.10"],
         "plot": ["matplotlib"],
+        "serve": ["starlette>=0.37", "uvicorn>=0.29"],
     },
 )
