@@ -484,9 +484,15 @@ def test_engine_joins_one_prefill_between_steps_and_gives_solo_answers(ckpt, tok
     monkeypatch.setattr(engine_module, "prefill", lambda *a, **k: events.append("prefill") or real_prefill(*a, **k))
     engine = Engine(model, tokenizer, max_batch_size=3, max_queue=8)
     real_step = engine._step
-    # a running row is never at position 0 (its prompt is there); a free slot always is
-    engine._step = lambda m, cache, tokens, positions: events.append(int((positions > 0).sum())) or real_step(
-        m, cache, tokens, positions)
+    windows = set()
+
+    def step(m, cache, tokens, positions):
+        windows.add(cache.max_length)
+        # a running row is never at position 0 (its prompt is there); a free slot always is
+        events.append(int((positions > 0).sum()))
+        return real_step(m, cache, tokens, positions)
+
+    engine._step = step
     jobs = [("Explain gravity.", 30), ("Write a haiku about rain.", 20), ("Name a prime.", 8),
             ("Summarize the passage.", 25), ("Tell me a story.", 12)]
     engine.start()
@@ -501,6 +507,7 @@ def test_engine_joins_one_prefill_between_steps_and_gives_solo_answers(ckpt, tok
     assert events.count("prefill") == 5 and events[0] == "prefill"
     assert all(not (a == b == "prefill") for a, b in zip(events, events[1:]))
     assert max(e for e in events if e != "prefill") == 3  # three slots, all busy at once
+    assert windows == {256}  # a step reads the keys in use, not the whole 512-position cache
     # the decode steps each request took part in: one fewer than its tokens
     assert sum(e for e in events if e != "prefill") == sum(r[2] - 1 for r in results)
 
@@ -628,3 +635,35 @@ def test_chat_page_streams_the_api_answer_and_stops(live, browser):
     ask("Hello?")
     error = wait.until(lambda b: b.find_element(By.ID, "error").text)
     assert "max_tokens must be an integer >= 1" in error
+
+
+def test_engine_compiled_step_is_one_graph_per_window(ckpt, tokenizer, monkeypatch):
+    """compile=True: every step decodes all slots through compiled_decode_step, whose graph is
+    traced once per window length (256, then 512 for a longer request) and then reused, step
+    after step, whoever joins or leaves; the answers are eager's. (A backend that records the
+    graphs stands in for inductor: tracing and recompiles are the point.)"""
+    graphs, real_compile = [], torch.compile
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(sys.modules["minidolly.generate"], "_compiled_steps", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": record}))
+    _, model = ckpt
+    engine = Engine(model, tokenizer, max_batch_size=3, max_queue=8, compile=True).start()
+    try:
+        jobs = [("Explain gravity.", 30), ("Write a haiku about rain.", 20), ("Tell me a story.", 12)]
+        collects = [Collect() for _ in jobs]
+        for (instruction, n), c in zip(jobs, collects):
+            engine.submit(tokenizer.encode(format_prompt(instruction)), SamplingParams(n, temperature=0), c)
+        results = [c.result() for c in collects]
+        assert len(graphs) == 1
+        long = Collect()  # runs past position 256: one more window, one more graph
+        engine.submit(tokenizer.encode(format_prompt("Name a prime.")), SamplingParams(300, temperature=0,
+                                                                                       ignore_eos=True), long)
+        assert long.result()[1:] == ("length", 300)
+    finally:
+        engine.close()
+    assert results == [solo(ckpt, tokenizer, i, max_new_tokens=n) for i, n in jobs]
+    assert len(graphs) == 2
