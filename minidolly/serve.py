@@ -250,45 +250,37 @@ class Server:
     # -- completions
 
     async def chat_completions(self, request: Request) -> Response:
-        body = await read_body(request)
-        self._check_model(body)
-        stream, include_usage = self._stream_flags(body)
-        params = sampling_params(body, min(CHAT_MAX_TOKENS, self.window // 2))
-        self._check_window(params)
+        body, params, stream = await self._read(request, CHAT_MAX_TOKENS)
         instruction, context = dolly_prompt(field(body, "messages", "an array"), field(body, "context", "a string", None))
         ids, truncated = await run_in_threadpool(self._encode_chat, instruction, context, params.max_new_tokens)
-        return await self._answer(request, "chat", ids, truncated, params, stream, include_usage, strip=True)
+        return await self._answer(request, "chat", ids, truncated, params, stream, strip=True)
 
     async def completions(self, request: Request) -> Response:
-        body = await read_body(request)
-        self._check_model(body)
-        stream, include_usage = self._stream_flags(body)
-        params = sampling_params(body, min(COMPLETION_MAX_TOKENS, self.window // 2))
-        self._check_window(params)
+        body, params, stream = await self._read(request, COMPLETION_MAX_TOKENS)
         if body.get("prompt") is None:
             raise APIError(400, "'prompt' is required.", "prompt")
         ids, truncated = await run_in_threadpool(completion_prompt, self.engine.tokenizer, body["prompt"],
                                                  self.window - params.max_new_tokens, self.engine.model.config.vocab_size)
-        return await self._answer(request, "text", ids, truncated, params, stream, include_usage, strip=False)
+        return await self._answer(request, "text", ids, truncated, params, stream, strip=False)
 
-    def _check_model(self, body: dict):
+    async def _read(self, request: Request, default_max_tokens: int) -> tuple[dict, SamplingParams, tuple[bool, bool]]:
+        """What both completion routes read first: the body, its model, its sampling fields
+        (max_tokens by default `default_max_tokens`, at most half the window) and
+        (stream, stream_options.include_usage). Raises APIError."""
+        body = await read_body(request)
         model = field(body, "model", "a string", None)
         if model is not None and model != self.model_name:
             raise APIError(404, f"The model '{model}' does not exist; this server serves '{self.model_name}'.",
                            "model", code="model_not_found")
-
-    def _stream_flags(self, body: dict) -> tuple[bool, bool]:
-        stream = field(body, "stream", "a boolean", False)
-        options = field(body, "stream_options", "an object", {})
-        include_usage = options.get("include_usage", False)
-        if not isinstance(include_usage, bool):
-            raise APIError(400, "'stream_options.include_usage' must be a boolean.", "stream_options.include_usage")
-        return stream, include_usage
-
-    def _check_window(self, params: SamplingParams):
+        params = sampling_params(body, min(default_max_tokens, self.window // 2))
         if params.max_new_tokens >= self.window:
             raise APIError(400, f"max_tokens={params.max_new_tokens} fills the model's whole {self.window}-token "
                                 f"window; lower it.", "max_tokens")
+        stream = field(body, "stream", "a boolean", False)
+        include_usage = field(body, "stream_options", "an object", {}).get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise APIError(400, "'stream_options.include_usage' must be a boolean.", "stream_options.include_usage")
+        return body, params, (stream, include_usage)
 
     def _encode_chat(self, instruction: str, context: str | None, max_tokens: int) -> tuple[list[int], bool]:
         try:
@@ -298,8 +290,9 @@ class Server:
                                 f"window for Dolly's prompt template; lower it.", "max_tokens") from None
 
     async def _answer(self, request: Request, kind: str, ids: list[int], truncated: bool, params: SamplingParams,
-                      stream: bool, include_usage: bool, strip: bool) -> Response:
+                      stream: tuple[bool, bool], strip: bool) -> Response:
         """Submit to the engine, then answer with one JSON object or an event stream."""
+        stream, include_usage = stream
         loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
 
         def on_output(output: Output):  # on the engine thread
@@ -460,6 +453,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def url_of(sock: socket.socket) -> str:
+    """http://host:port of a bound socket."""
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 

@@ -55,6 +55,16 @@ def make_hf_checkpoint(directory, seed=0, perturb_norms=True, initializer_range=
     return hf
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For files of tiny models: a second torch thread only adds barrier waits, which on a busy
+    2-core machine triple such a file's runtime."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from minidolly import load_tokenizer

@@ -35,15 +35,7 @@ EMOJI = "Hi 😀, 你好語!"  # 😀 and 語 are each split over two byte-level
 # ------------------------------------------------------------------ checkpoints
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: a second thread only adds barrier waits, which on a busy
-    2-core machine triple the file's runtime."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 @pytest.fixture(scope="module")

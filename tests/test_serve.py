@@ -8,11 +8,9 @@ start a second one with one slot.
 """
 
 import concurrent.futures
-import importlib.util
 import json
 import os
 import pathlib
-import queue
 import re
 import shutil
 import signal
@@ -26,6 +24,7 @@ import pytest
 import torch
 
 from conftest import REPO, TOKENIZER_JSON, make_hf_checkpoint
+from test_generate import cli_main  # generate.py's main() in this process
 import minidolly.engine as engine_module
 from minidolly import generate, load_model
 from minidolly.engine import Engine, EngineClosedError, QueueFullError, SamplingParams, StopStrings
@@ -44,12 +43,7 @@ PROMPTS = {  # instruction -> greedy tokens until ### End (of 300 at most): both
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -410,18 +404,6 @@ def test_full_queue_is_a_503_and_ctrl_c_ends_streams_with_an_error(ckpt, tmp_pat
         server.stop()
     log = server.log.read_text()
     assert "Traceback" not in log and "ERROR" not in log
-
-
-_cli = None
-
-
-def cli_main(*args):
-    global _cli
-    if _cli is None:
-        spec = importlib.util.spec_from_file_location("generate_cli", REPO / "generate.py")
-        _cli = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(_cli)
-    return _cli.main([str(a) for a in args])
 
 
 def test_cli_serve_flags_are_checked_before_loading(ckpt, capsys):
