@@ -1,6 +1,7 @@
 """Serving speed: the continuous-batching server against the same server one request at a time.
 
     python bench/serve.py                                  # 160m shape, fp32, CPU, 1/4/8/16 clients
+    python bench/serve.py --threads 1                      # one torch thread per server (a small shared machine)
     python bench/serve.py --clients 1 8 --requests-per-client 1 --max-tokens 32 --size 14m   # a smoke test
 
 Both servers are `generate.py --serve` processes on a random-weight checkpoint in a Pythia
@@ -65,15 +66,15 @@ def instructions(count: int) -> list[str]:
 
 
 def prefill_seconds(model_dir: pathlib.Path, prompts: list[str]) -> float:
-    """The median time of one prefill of the median-length prompt, in this process, on a thread
-    of its own as the engine runs (on a busy machine torch's OpenMP team of the main thread can
-    be many times slower than another thread's)."""
-    model, tokenizer = load_model(str(model_dir)), load_tokenizer(str(model_dir))
-    ids = sorted((tokenizer.encode(format_prompt(p)) for p in prompts), key=len)[len(prompts) // 2]
-    cache = KVCache(model.config, 1, len(ids))
+    """The median time of one prefill of the median-length prompt, loaded and run on a thread
+    of its own, as the server's engine thread runs it (with several torch threads, OpenMP
+    teams of two OS threads slow each other down, so the main thread's time would differ)."""
     times = []
 
     def run():
+        model, tokenizer = load_model(str(model_dir)), load_tokenizer(str(model_dir))
+        ids = sorted((tokenizer.encode(format_prompt(p)) for p in prompts), key=len)[len(prompts) // 2]
+        cache = KVCache(model.config, 1, len(ids))
         for _ in range(6):
             start = time.perf_counter()
             prefill(model, cache, [ids])
@@ -88,12 +89,13 @@ def prefill_seconds(model_dir: pathlib.Path, prompts: list[str]) -> float:
 class Server:
     """A `generate.py --serve` process on a free port."""
 
-    def __init__(self, model_dir: pathlib.Path, max_batch_size: int, max_queue: int):
+    def __init__(self, model_dir: pathlib.Path, max_batch_size: int, max_queue: int, threads: int | None):
         self.err = tempfile.TemporaryFile("w+")
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
         self.proc = subprocess.Popen(
             [sys.executable, str(REPO / "generate.py"), "--serve", "--model", str(model_dir), "--port", "0",
              "--dtype", "float32", "--device", "cpu", "--max-batch-size", str(max_batch_size),
-             "--max-queue", str(max_queue)], stdout=subprocess.DEVNULL, stderr=self.err)
+             "--max-queue", str(max_queue)], stdout=subprocess.DEVNULL, stderr=self.err, env=env)
         deadline = time.monotonic() + 300
         while True:
             self.err.seek(0)
@@ -164,7 +166,12 @@ def main():
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the servers (OMP_NUM_THREADS) and of the prefill timing (default: torch's); "
+                        "on a small machine shared with the clients, 1 leaves them a core")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if 8 in args.clients and 1 not in args.clients:
         sys.exit("error: the 8-client targets compare with the one-client run; keep 1 in --clients.")
     clients = sorted(set(args.clients))
@@ -184,7 +191,7 @@ def main():
         # One at a time first: its one-client run is the time a request takes alone, over which
         # the clients' starts are spread from then on.
         for name, slots in [("one at a time", 1), ("batched", max(clients))]:
-            server = Server(model_dir, slots, max_queue=max(clients) * args.requests_per_client)
+            server = Server(model_dir, slots, max(clients) * args.requests_per_client, args.threads)
             try:
                 asyncio.run(run_clients(server.url, 1, 1, prompts, 8, 0))  # warm-up
                 for c in clients:

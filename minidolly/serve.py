@@ -250,23 +250,23 @@ class Server:
     # -- completions
 
     async def chat_completions(self, request: Request) -> Response:
-        body, params, stream = await self._read(request, CHAT_MAX_TOKENS)
+        body, params, stream, usage = await self._read(request, CHAT_MAX_TOKENS)
         instruction, context = dolly_prompt(field(body, "messages", "an array"), field(body, "context", "a string", None))
         ids, truncated = await run_in_threadpool(self._encode_chat, instruction, context, params.max_new_tokens)
-        return await self._answer(request, "chat", ids, truncated, params, stream, strip=True)
+        return await self._answer(request, "chat", ids, truncated, params, stream, usage, strip=True)
 
     async def completions(self, request: Request) -> Response:
-        body, params, stream = await self._read(request, COMPLETION_MAX_TOKENS)
+        body, params, stream, usage = await self._read(request, COMPLETION_MAX_TOKENS)
         if body.get("prompt") is None:
             raise APIError(400, "'prompt' is required.", "prompt")
         ids, truncated = await run_in_threadpool(completion_prompt, self.engine.tokenizer, body["prompt"],
                                                  self.window - params.max_new_tokens, self.engine.model.config.vocab_size)
-        return await self._answer(request, "text", ids, truncated, params, stream, strip=False)
+        return await self._answer(request, "text", ids, truncated, params, stream, usage, strip=False)
 
-    async def _read(self, request: Request, default_max_tokens: int) -> tuple[dict, SamplingParams, tuple[bool, bool]]:
+    async def _read(self, request: Request, default_max_tokens: int) -> tuple[dict, SamplingParams, bool, bool]:
         """What both completion routes read first: the body, its model, its sampling fields
-        (max_tokens by default `default_max_tokens`, at most half the window) and
-        (stream, stream_options.include_usage). Raises APIError."""
+        (max_tokens by default `default_max_tokens`, at most half the window), `stream` and
+        `stream_options.include_usage`. Raises APIError."""
         body = await read_body(request)
         model = field(body, "model", "a string", None)
         if model is not None and model != self.model_name:
@@ -280,7 +280,7 @@ class Server:
         include_usage = field(body, "stream_options", "an object", {}).get("include_usage", False)
         if not isinstance(include_usage, bool):
             raise APIError(400, "'stream_options.include_usage' must be a boolean.", "stream_options.include_usage")
-        return body, params, (stream, include_usage)
+        return body, params, stream, include_usage
 
     def _encode_chat(self, instruction: str, context: str | None, max_tokens: int) -> tuple[list[int], bool]:
         try:
@@ -290,9 +290,8 @@ class Server:
                                 f"window for Dolly's prompt template; lower it.", "max_tokens") from None
 
     async def _answer(self, request: Request, kind: str, ids: list[int], truncated: bool, params: SamplingParams,
-                      stream: tuple[bool, bool], strip: bool) -> Response:
+                      stream: bool, include_usage: bool, strip: bool) -> Response:
         """Submit to the engine, then answer with one JSON object or an event stream."""
-        stream, include_usage = stream
         loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
 
         def on_output(output: Output):  # on the engine thread

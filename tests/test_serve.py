@@ -263,6 +263,11 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(live, ckpt, tokenizer):
     assert after["steps"] - steps < 100  # ... long before its 400 tokens would have been decoded
     expected = solo(ckpt, tokenizer, "Name a prime.", max_new_tokens=20)[0]
     assert all(chat(live, "Name a prime.", stream=s, max_tokens=20)[0] == expected for s in (False, True))
+    # a client that gives up waiting for a whole (unstreamed) answer frees its slot too
+    steps = live.health()["steps"]
+    with pytest.raises(httpx.ReadTimeout):
+        live.http.post("/v1/completions", json={"prompt": "Once", "max_tokens": 400, "ignore_eos": True}, timeout=0.3)
+    assert live.idle()["steps"] - steps < 300
 
 
 # ---------------------------------------------------------------- bad input
