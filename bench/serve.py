@@ -7,7 +7,8 @@
 Both servers are `generate.py --serve` processes on a random-weight checkpoint in a Pythia
 shape: "batched" with --max-batch-size = the most clients, "one at a time" with
 --max-batch-size 1, which serves requests in arrival order, each alone: what a transformers
-pipeline behind a web framework does. Each of C clients sends --requests-per-client chat
+pipeline behind a web framework does. Both run throughout; each client count is measured on
+one and then the other, so a ratio compares neighbouring runs. Each of C clients sends --requests-per-client chat
 requests back to back, streamed, greedy, exactly --max-tokens new tokens each (ignore_eos),
 instructions from the real dolly-15k records in ../shared/data. The clients start spread
 evenly over the time one request takes alone, as a closed loop of clients settles (a burst of
@@ -188,21 +189,25 @@ def main():
         print(f"{'clients':>7}  {'server':<14}{'tok/s':>8}{'TTFT p50':>10}{'p95 ms':>8}{'ITL p50':>9}{'p95 ms':>8}"
               f"{'tok/s ratio':>13}")
         rows, spread = {}, 0.0
-        # One at a time first: its one-client run is the time a request takes alone, over which
-        # the clients' starts are spread from then on.
-        for name, slots in [("one at a time", 1), ("batched", max(clients))]:
-            server = Server(model_dir, slots, max(clients) * args.requests_per_client, args.threads)
-            try:
-                asyncio.run(run_clients(server.url, 1, 1, prompts, 8, 0))  # warm-up
-                for c in clients:
+        # Both servers run side by side (idle when not measured) and each client count runs on one,
+        # then the other, so the ratio compares runs minutes apart at most, not the whole bench.
+        servers = {}
+        try:
+            for name, slots in [("one at a time", 1), ("batched", max(clients))]:
+                servers[name] = Server(model_dir, slots, max(clients) * args.requests_per_client, args.threads)
+                asyncio.run(run_clients(servers[name].url, 1, 1, prompts, 8, 0))  # warm-up
+            for c in clients:
+                for name, server in servers.items():
                     r = asyncio.run(run_clients(server.url, c, args.requests_per_client, prompts, args.max_tokens,
                                                 spread))
+                    # one request alone, one at a time: the time over which later clients' starts are spread
                     spread = spread or r["seconds"]
                     rows[name, c] = r
                     ratio = f"{r['tok/s'] / rows['one at a time', c]['tok/s']:>12.2f}x"
                     print(f"{c:>7}  {name:<14}{r['tok/s']:>8.1f}{r['ttft'][0]:>10.0f}{r['ttft'][1]:>8.0f}"
                           f"{r['itl'][0]:>9.0f}{r['itl'][1]:>8.0f}{ratio}", flush=True)
-            finally:
+        finally:
+            for server in servers.values():
                 server.stop()
     if 8 in clients:
         ratio = rows["batched", 8]["tok/s"] / rows["one at a time", 8]["tok/s"]
