@@ -328,12 +328,12 @@ class Engine:
         positions = [0] * n  # a free slot decodes its token at position 0, unread
         for r in running:
             positions[r.slot] = r.position
-        positions = torch.tensor(positions).to(self.device, non_blocking=True)  # (n,)
+        positions = self._to_device(positions)  # (n,)
         logits = self._step(self.model, self._views[n, window], self._feed[:n], positions)  # (n, V)
         self.steps += 1
         for r in running:
             r.position += 1
-        self._sample(running, logits[[r.slot for r in running]])
+        self._sample(running, logits[self._to_device([r.slot for r in running])])
 
     def _sample(self, requests: list[Request], logits: torch.Tensor):
         """Pick each request's next token from its row of logits (R, V) with its own settings,
@@ -346,11 +346,20 @@ class Engine:
         read = torch.empty_like(feed)
         for (temperature, top_k, top_p), rows in groups.items():
             generators = [requests[i].generator for i in rows] if temperature > 0 else None
-            index = torch.tensor(rows, device=self.device)
+            index = self._to_device(rows)
             feed[index], read[index] = checked_tokens(logits[index], temperature, top_k, top_p, generators)
-        self._feed[torch.tensor([r.slot for r in requests], device=self.device)] = feed
+        self._feed[self._to_device([r.slot for r in requests])] = feed
         for r, token in zip(requests, read.tolist()):
             self._advance(r, token)
+
+    def _to_device(self, values: list[int]) -> torch.Tensor:
+        """Positions or row indices made on the host, on the device without waiting for it: on
+        CUDA through pinned memory (a copy from pageable memory would wait for the step in flight,
+        a second host sync per step)."""
+        values = torch.tensor(values)
+        if self.device.type == "cuda":
+            values = values.pin_memory()
+        return values.to(self.device, non_blocking=True)
 
     def _advance(self, request: Request, token: int):
         """Take one generated token: pass its text on, or end the request."""

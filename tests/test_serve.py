@@ -546,6 +546,40 @@ def test_engine_queue_bound_and_shutdown(ckpt, tokenizer):
         engine.submit(prompt, long, Collect())
 
 
+def test_engine_reads_the_device_once_per_step(tokenizer, monkeypatch):
+    """On the meta device a tensor has no values, so any read of one on the host raises. An
+    engine over a meta model, where only .tolist() answers (with made-up tokens), proves that
+    a prefill or a decode step reads the device once: the new tokens. (As in test_generate.)"""
+    from minidolly import GPTNeoX, ModelConfig
+
+    with torch.device("meta"):
+        model = GPTNeoX(ModelConfig(vocab_size=50280, hidden_size=64, num_layers=2, num_heads=4,
+                                    intermediate_size=256, max_position_embeddings=64))
+    reads, real_tolist = [], torch.Tensor.tolist
+
+    def tolist(t):
+        if not t.is_meta:
+            return real_tolist(t)
+        reads.append(tuple(t.shape))
+        return [7] * t.shape[0]
+
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    engine = Engine(model, tokenizer, max_batch_size=3, max_queue=4)
+    steps = []
+    real_step = engine._step
+    engine._step = lambda *a: steps.append(1) or real_step(*a)
+    engine.start()
+    try:
+        # greedy rows: a meta device has no generators (test_generate reads the sampling filters)
+        collects = [Collect() for _ in range(4)]
+        for n, c in enumerate(collects):
+            engine.submit([1, 2, 3 + n], SamplingParams(6 - n, temperature=0), c)
+        assert [c.result()[1:] for c in collects] == [("length", 6), ("length", 5), ("length", 4), ("length", 3)]
+    finally:
+        engine.close()
+    assert len(reads) == len(steps) + 4  # one read per decode step and per prefill
+
+
 def test_stop_strings_are_found_across_pieces():
     s = StopStrings(("END", "xyz"))
     assert s.feed("abc E") == ("abc ", False)  # "E" may start "END": held back
@@ -654,3 +688,44 @@ def test_engine_compiled_step_is_one_graph_per_window(ckpt, tokenizer, monkeypat
         engine.close()
     assert results == [solo(ckpt, tokenizer, i, max_new_tokens=n) for i, n in jobs]
     assert len(graphs) == 2
+
+
+# ----------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.cuda
+def test_cuda_engine_compiled_equals_eager_with_cuda_graphs_and_one_sync_per_step(ckpt, tokenizer):
+    """For the GPU owner: the engine on CUDA, compiled (a CUDA graph per window, replayed at
+    every step whoever joins or leaves) gives eager's tokens; no CUDA graph is skipped; and the
+    host waits for the device at most once per step and per prefill."""
+    import warnings
+
+    from torch._dynamo.utils import counters
+
+    model = load_model(ckpt[0], device="cuda")  # fp32: the compiled step holds to eager token for token
+    jobs = [("Explain gravity.", 30), ("Write a haiku about rain.", 40), ("Name a prime.", 24),
+            ("Tell me a story.", 50), ("Why is the sky blue?", 60)]
+
+    def run(compile):
+        engine = Engine(model, tokenizer, max_batch_size=3, max_queue=8, compile=compile).start()
+        try:
+            collects = [Collect() for _ in jobs]
+            for (instruction, n), c in zip(jobs, collects):
+                engine.submit(tokenizer.encode(format_prompt(instruction)), SamplingParams(n, temperature=0), c)
+            return [c.result() for c in collects], engine.steps
+        finally:
+            engine.close()
+
+    skips = counters["inductor"]["cudagraph_skips"]
+    compiled, _ = run(True)
+    assert compiled == run(False)[0]
+    assert counters["inductor"]["cudagraph_skips"] == skips
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, steps = run(True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= steps + len(jobs), syncs
