@@ -546,24 +546,15 @@ def test_engine_queue_bound_and_shutdown(ckpt, tokenizer):
         engine.submit(prompt, long, Collect())
 
 
-def test_engine_reads_the_device_once_per_step(tokenizer, monkeypatch):
-    """On the meta device a tensor has no values, so any read of one on the host raises. An
-    engine over a meta model, where only .tolist() answers (with made-up tokens), proves that
-    a prefill or a decode step reads the device once: the new tokens. (As in test_generate.)"""
+def test_engine_reads_the_device_once_per_step(tokenizer, meta_reads):
+    """An engine over a meta model, where any host read of a tensor raises and only .tolist()
+    answers (with made-up tokens; conftest.py), proves that a prefill or a decode step reads
+    the device once: the new tokens."""
     from minidolly import GPTNeoX, ModelConfig
 
     with torch.device("meta"):
         model = GPTNeoX(ModelConfig(vocab_size=50280, hidden_size=64, num_layers=2, num_heads=4,
                                     intermediate_size=256, max_position_embeddings=64))
-    reads, real_tolist = [], torch.Tensor.tolist
-
-    def tolist(t):
-        if not t.is_meta:
-            return real_tolist(t)
-        reads.append(tuple(t.shape))
-        return [7] * t.shape[0]
-
-    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
     engine = Engine(model, tokenizer, max_batch_size=3, max_queue=4)
     steps = []
     real_step = engine._step
@@ -577,7 +568,7 @@ def test_engine_reads_the_device_once_per_step(tokenizer, monkeypatch):
         assert [c.result()[1:] for c in collects] == [("length", 6), ("length", 5), ("length", 4), ("length", 3)]
     finally:
         engine.close()
-    assert len(reads) == len(steps) + 4  # one read per decode step and per prefill
+    assert len(meta_reads) == len(steps) + 4  # one read per decode step and per prefill
 
 
 def test_stop_strings_are_found_across_pieces():
