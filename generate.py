@@ -6,6 +6,7 @@
     python generate.py --input-file questions.jsonl --output-file answers.jsonl --batch-size 8
     python generate.py --model ./my-checkpoint --quantize int4 "Explain gravity."
     python generate.py --model ./my-checkpoint --export-gguf dolly.q8_0.gguf --gguf-type q8_0
+    python generate.py --serve --model ./my-checkpoint     # OpenAI-compatible API + chat page, docs/serving.md
 
 stdout carries only the answers (streamed token by token unless --no-stream); loading
 messages, warnings and --verbose timings go to stderr. A user mistake prints one line on
@@ -60,7 +61,7 @@ def parse_args(argv):
     p.add_argument("--output-file", help="jsonl written with each input record plus 'response', through OUTPUT.partial "
                         "(a stopped run resumes from it)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --input-file")
-    p.add_argument("--verbose", action="store_true", help="timings on stderr")
+    p.add_argument("--verbose", action="store_true", help="timings on stderr (with --serve: one line per request)")
     # Weight formats (minidolly/quantize.py, minidolly/gguf_export.py; docs/generation.md).
     p.add_argument("--quantize", choices=["int8", "int4"], default=None,
                    help="weight-only quantization applied at load (a checkpoint saved quantized loads as it was)")
@@ -69,11 +70,13 @@ def parse_args(argv):
                    help="write --model as a GGUF file for llama.cpp / Ollama, then exit")
     p.add_argument("--gguf-type", choices=["f32", "f16", "q8_0", "q4_0"], default="f16",
                    help="the GGUF weight type for --export-gguf")
+    add_serve_flags(p)
     args = p.parse_args(argv)
+    check_serve_flags(p, args)
     if args.group_size is not None and args.quantize != "int4":
         raise UsageError("--group-size applies to --quantize int4 only.")
     if args.export_gguf is not None:  # a mode of its own: no instruction, no generation
-        if args.instruction is not None or args.interactive or args.input_file or args.quantize:
+        if args.instruction is not None or args.interactive or args.input_file or args.quantize or args.serve:
             raise UsageError("--export-gguf converts --model and exits; drop the instruction and generation flags.")
         return args
 
@@ -83,9 +86,9 @@ def parse_args(argv):
         raise UsageError(e.message("--" + e.param.replace("_", "-"))) from None
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}.")
-    modes = (args.instruction is not None) + args.interactive + (args.input_file is not None)
+    modes = (args.instruction is not None) + args.interactive + (args.input_file is not None) + args.serve
     if modes != 1:
-        raise UsageError("Give exactly one of: an INSTRUCTION, --interactive, or --input-file.")
+        raise UsageError("Give exactly one of: an INSTRUCTION, --interactive, --input-file, or --serve.")
     if args.instruction is not None and not args.instruction.strip():
         raise UsageError("The instruction is empty; give the model something to answer.")
     if (args.input_file is None) != (args.output_file is None):
@@ -302,6 +305,79 @@ def export_gguf(args):
         raise UsageError(f"Cannot export --model {args.model} to {args.export_gguf}: {e}") from None
 
 
+# ---------------------------------------------------------------------- --serve
+# An OpenAI-compatible API and a chat page over the batching engine (minidolly/serve.py,
+# minidolly/engine.py, docs/serving.md).
+
+PER_REQUEST_FLAGS = ("context", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "no_stream", "batch_size")
+SERVE_FLAGS = ("host", "port", "max_batch_size", "max_queue")
+
+
+def add_serve_flags(p):
+    g = p.add_argument_group("serving", "python generate.py --serve --model DIR: an OpenAI-compatible API "
+                                        "(/v1/chat/completions, /v1/completions) and a chat page (/)")
+    g.add_argument("--serve", action="store_true", help="serve the model over HTTP until Ctrl-C")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    g.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    g.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together: the KV cache's slots")
+    g.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot; more get 503")
+
+
+def check_serve_flags(p, args):
+    """--serve's flags only with --serve, and the per-request flags not with it."""
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    if not args.serve:
+        for name in SERVE_FLAGS:
+            if getattr(args, name) != p.get_default(name):
+                raise UsageError(f"{flag(name)} goes with --serve.")
+        return
+    for name in PER_REQUEST_FLAGS:
+        if getattr(args, name) != p.get_default(name):
+            raise UsageError(f"{flag(name)} does not apply to --serve: each request sets its own (docs/serving.md).")
+    if args.max_batch_size < 1:
+        raise UsageError(f"--max-batch-size must be >= 1, got {args.max_batch_size}.")
+    if args.max_queue < 0:
+        raise UsageError(f"--max-queue must be >= 0, got {args.max_queue}.")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {args.port}.")
+
+
+def server_socket(args):
+    """The socket --host and --port name, bound (before the model loads, so a busy port fails fast)."""
+    try:
+        from minidolly.serve import listen
+    except ImportError as e:
+        raise UsageError(f'--serve needs the serve extra: pip install -e ".[serve]" ({e}).') from None
+    try:
+        return listen(args.host, args.port)
+    except OSError as e:
+        raise UsageError(f"--host/--port: {e}") from None
+
+
+def run_server(model, tokenizer, args, sock):
+    """Serve until Ctrl-C: one line on stderr says where."""
+    from minidolly.engine import Engine
+    from minidolly.serve import serve
+
+    try:
+        engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                        compile=args.compile)
+    except RuntimeError as e:
+        if "memory" not in str(e).lower():
+            raise
+        raise UsageError(f"The KV cache for --max-batch-size {args.max_batch_size} does not fit in memory; "
+                         f"lower --max-batch-size ({e}).") from None
+
+    def ready(url):
+        print(f"serving {args.model} on {url} (chat page {url}/, OpenAI API {url}/v1); Ctrl-C stops",
+              file=sys.stderr, flush=True)
+
+    try:
+        serve(engine.start(), args.model, sock, on_ready=ready, access_log=args.verbose)
+    finally:
+        engine.close()
+
+
 def main(argv=None) -> int:
     # Warnings (a truncated prompt) as one stderr line, without the source line Python adds.
     warnings.formatwarning = lambda message, category, *_: f"warning: {message}\n"
@@ -311,8 +387,11 @@ def main(argv=None) -> int:
             export_gguf(args)
             return 0
         records = read_records(args.input_file) if args.input_file else None
+        sock = server_socket(args) if args.serve else None  # a busy port fails before the model loads
         model, tokenizer = load(args)
-        if records is not None:
+        if sock is not None:
+            run_server(model, tokenizer, args, sock)
+        elif records is not None:
             answer_file(model, tokenizer, args, records)
         elif args.interactive:
             interactive(model, tokenizer, args)

@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="Databricks' Dolly 2.0 (GPT-NeoX / Pythia) from scratch in PyTorch: model, FSDP2 training, Triton kernels.",
     packages=["minidolly", "kernels"],
+    package_data={"minidolly": ["static/*.html"]},  # the chat page that `generate.py --serve` serves at /
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.6",
@@ -15,8 +16,9 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.40", "gguf>=0.10", "llama-cpp-python>=0.3"],
+        "test": ["pytest", "transformers>=4.40", "gguf>=0.10", "llama-cpp-python>=0.3", "openai>=1.0", "selenium>=4.10"],
         "plot": ["matplotlib"],
         "gguf": ["gguf>=0.10"],  # save_gguf / generate.py --export-gguf
+        "serve": ["starlette>=0.37", "uvicorn>=0.29"],
     },
 )

@@ -356,11 +356,12 @@ class TextAssembler:
     nothing while the text ends in U+FFFD, the replacement for an unfinished character.
     The pieces are cut from the stripped text, so leading whitespace never comes out and
     trailing whitespace waits until more text follows it: they concatenate to exactly
-    `tokenizer.decode(ids).strip()`, what `generate` returns.
+    `tokenizer.decode(ids).strip()`, what `generate` returns. With strip=False they
+    concatenate to `tokenizer.decode(ids)` itself (a raw completion, whose leading space matters).
     """
 
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer, self.ids, self.sent = tokenizer, [], 0
+    def __init__(self, tokenizer: Tokenizer, strip: bool = True):
+        self.tokenizer, self.ids, self.sent, self.strip = tokenizer, [], 0, strip
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text that is now final ('' when there is none)."""
@@ -375,7 +376,8 @@ class TextAssembler:
     def _new(self, text: str) -> str:
         # Once text ends in a whole character, later tokens only append to it, so the
         # stripped text only grows and `sent` characters of it are already out.
-        text = text.strip()
+        if self.strip:
+            text = text.strip()
         piece, self.sent = text[self.sent :], len(text)
         return piece
 

@@ -185,6 +185,21 @@ class KVCache:
         view.batch_size = stop - start
         return view
 
+    def window(self, length: int) -> "KVCache":
+        """Positions [0, length) of every slot as a cache of their own: views, so writes land in
+        this cache, and a decode step through the view reads `length` keys per row instead of
+        max_length. A server decodes through the smallest window that holds every running
+        row's position (minidolly/engine.py); made once per length and kept, the views are the
+        same tensors at every step, which is what a compiled (CUDA-graph) step needs."""
+        if not 0 < length <= self.max_length:
+            raise ValueError(f"a window of {length} positions is not in a cache of {self.max_length}.")
+        view = copy.copy(self)
+        view.k, view.v = [t[:, :, :length] for t in self.k], [t[:, :, :length] for t in self.v]
+        view.cos, view.sin, view.max_length = self.cos[:length], self.sin[:length], length
+        for t in view.k + view.v + [view.cos, view.sin]:
+            torch._dynamo.mark_static_address(t)
+        return view
+
     def layer(self, i: int, positions: torch.Tensor | None) -> "_LayerCache":
         return _LayerCache(self.k[i], self.v[i], positions)
 

@@ -55,6 +55,34 @@ def make_hf_checkpoint(directory, seed=0, perturb_norms=True, initializer_range=
     return hf
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For files of tiny models: a second torch thread only adds barrier waits, which on a busy
+    2-core machine triple such a file's runtime."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def meta_reads(monkeypatch):
+    """On the meta device a tensor has no values, so every read of one on the host (.item(),
+    bool(), .nonzero(), .cpu(), a boolean index, ...) raises. With this fixture .tolist() of a
+    meta tensor answers instead, token 7 for each row, and is counted: the list of the shapes
+    read. A meta model then shows how many times a loop reads the device."""
+    reads, real_tolist = [], torch.Tensor.tolist
+
+    def tolist(t):
+        if not t.is_meta:
+            return real_tolist(t)
+        reads.append(tuple(t.shape))
+        return [7] * t.shape[0]
+
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    return reads
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from minidolly import load_tokenizer

@@ -35,15 +35,7 @@ EMOJI = "Hi 😀, 你好語!"  # 😀 and 語 are each split over two byte-level
 # ------------------------------------------------------------------ checkpoints
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: a second thread only adds barrier waits, which on a busy
-    2-core machine triple the file's runtime."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -234,23 +226,14 @@ def test_the_decode_step_is_one_graph_with_static_shapes(random_ckpt, tokenizer,
     assert not symbolic
 
 
-def test_decoding_reads_the_device_once_per_token(monkeypatch):
-    """On the meta device a tensor has no values, so every read of one on the host (.item(),
-    bool(), .nonzero(), .cpu(), a boolean index, ...) raises. Decoding a meta model, where only
-    .tolist() answers (with made-up tokens), proves that the loop's only host sync per step
-    is reading the new tokens, whatever the sampling settings."""
+def test_decoding_reads_the_device_once_per_token(meta_reads):
+    """Decoding a meta model, where any host read of a tensor raises and only .tolist() answers
+    (with made-up tokens; conftest.py), proves that the loop's only host sync per step is
+    reading the new tokens, whatever the sampling settings."""
     config = ModelConfig(vocab_size=1000, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256)
     with torch.device("meta"):
         model = GPTNeoX(config)
-    reads, real_tolist = [], torch.Tensor.tolist
-
-    def tolist(t):
-        if not t.is_meta:
-            return real_tolist(t)
-        reads.append(tuple(t.shape))
-        return [7] * t.shape[0]
-
-    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    reads = meta_reads
     for kw in [dict(temperature=0), dict(temperature=0.8, top_k=5, top_p=0.9)]:
         reads.clear()
         steps = list(decode(model, [[1, 2, 3], [4, 5]], max_new_tokens=6, **kw))
