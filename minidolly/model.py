@@ -277,13 +277,14 @@ class GPTNeoX(nn.Module):
 
     def _fused(self, x: torch.Tensor) -> bool:
         """Whether this forward on x's device runs LayerNorm and attention through kernels/."""
-        if self.use_kernels is False:
+        if self.use_kernels is False or (self.use_kernels is None and not x.is_cuda):
             return False
         # The compute dtype: autocast's when it is on, else the embedding's (under FSDP's mixed
         # precision the root's parameters are already in the compute dtype when forward runs).
         device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.embed_in.weight.dtype
-        if self.use_kernels is None and not (x.is_cuda and dtype in (torch.float16, torch.bfloat16)):
+        autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else self.embed_in.weight.dtype
+        if self.use_kernels is None and dtype not in (torch.float16, torch.bfloat16):
             return False
         return kernels.available(x.device, self.config.head_dim, dtype, warn=True)
 

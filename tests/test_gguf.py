@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -13,8 +14,6 @@ from conftest import REPO, TOKENIZER_JSON, make_hf_checkpoint
 from minidolly import load_model, load_tokenizer, save_gguf
 from minidolly.gguf_export import CHAT_TEMPLATE, GGUFExportError
 from minidolly.prompt import format_prompt
-
-gguf = pytest.importorskip("gguf")
 
 PROMPT = [12092, 1533, 13, 50277, 187, 510, 4062, 8516]
 DOLLY = dict(vocab_size=50280, initializer_range=0.15)  # Dolly's vocabulary; output that depends on the input

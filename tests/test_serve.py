@@ -20,6 +20,8 @@ import sys
 import threading
 import time
 
+import httpx
+import openai
 import pytest
 import torch
 
@@ -31,8 +33,6 @@ from minidolly.engine import Engine, EngineClosedError, QueueFullError, Sampling
 from minidolly.generate import encode_prompt
 from minidolly.prompt import format_prompt
 
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
 
 END = 50277
 WINDOW = 512
@@ -590,7 +590,7 @@ def browser(tmp_path_factory):
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
         pytest.skip("needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
