@@ -499,6 +499,23 @@ def test_engine_joins_one_prefill_between_steps_and_gives_solo_answers(ckpt, tok
     assert sum(e for e in events if e != "prefill") == sum(r[2] - 1 for r in results)
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_engine_serves_a_quantized_model_with_solo_answers(ckpt, tokenizer, quantize):
+    """`generate.py --serve --quantize`: the batched step runs the quantized linears as the
+    solo decode does, so two requests batched together each get generate()'s answer."""
+    model = load_model(ckpt[0], quantize=quantize)
+    jobs = [("Explain gravity.", 10), ("Name a prime.", 6)]
+    engine = Engine(model, tokenizer, max_batch_size=2).start()
+    try:
+        collects = [Collect() for _ in jobs]
+        for (instruction, n), c in zip(jobs, collects):
+            engine.submit(tokenizer.encode(format_prompt(instruction)), SamplingParams(n, temperature=0), c)
+        results = [c.result()[0] for c in collects]
+    finally:
+        engine.close()
+    assert results == [generate(model, tokenizer, i, temperature=0, max_new_tokens=n) for i, n in jobs]
+
+
 def test_engine_cancel_frees_the_slot_at_the_next_step(ckpt, tokenizer):
     _, model = ckpt
     engine = Engine(model, tokenizer, max_batch_size=1, max_queue=2).start()
