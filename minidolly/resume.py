@@ -19,6 +19,7 @@ compute for memory inside a step.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -101,9 +102,11 @@ def _reader(path: str) -> dcp.FileSystemReader:
 # --------------------------------------------------------------- save and load
 
 
-def save_checkpoint(out: str, step: int, model, optimizer, scheduler, sampler, keep: int) -> str:
+def save_checkpoint(out: str, step: int, model, optimizer, scheduler, sampler, keep: int,
+                    lora: dict | None = None) -> str:
     """Write a sharded DCP checkpoint of everything a resume needs (see the module docstring)
-    into <out>/checkpoints/step-XXXXXXXX; every rank calls it.
+    into <out>/checkpoints/step-XXXXXXXX; every rank calls it. `lora`: a LoRA run's
+    settings and base identity, which `check_lora_settings` compares on resume.
 
     All ranks write into step-XXXXXXXX.tmp; after a barrier rank 0 renames it into place and
     deletes all but the newest `keep`. A crash mid-save leaves only a .tmp behind, which
@@ -114,7 +117,10 @@ def save_checkpoint(out: str, step: int, model, optimizer, scheduler, sampler, k
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    dcp.save(_state(model, optimizer, step, scheduler, sampler), checkpoint_id=tmp)
+    state = _state(model, optimizer, step, scheduler, sampler)
+    if lora is not None:
+        state[LORA_KEY] = json.dumps(lora, sort_keys=True)
+    dcp.save(state, checkpoint_id=tmp)
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -150,3 +156,41 @@ def load_checkpoint(path: str, model, optimizer, scheduler, sampler) -> int:
         raise ResumeError(f"--resume from {path}: {e}") from None
     set_rng_state(state.get(rng_key, {}))
     return int(state["train"]["step"])
+
+
+# ------------------------------------------------------------- LoRA runs
+
+LORA_KEY = "lora"  # a LoRA run's settings and base identity, as one JSON string
+LORA_FLAGS = {"rank": "--lora-rank", "alpha": "--lora-alpha", "dropout": "--lora-dropout", "targets": "--lora-targets"}
+
+
+def check_lora_settings(path: str, lora: dict | None) -> None:
+    """Refuse to resume a LoRA run from checkpoint `path` with other LoRA settings or on another
+    base. `lora` is this run's record (the LoRA settings, "base": the --init it names,
+    "base_fingerprint": `checkpoint.fingerprint` of its files), None for a full fine-tune.
+
+    The checkpoint holds only the adapters; the frozen base comes from --init again, so a
+    resume on another base would silently train adapters for weights they were not fitted
+    to. Raises ResumeError naming every setting that differs (the checkpoint's value
+    beside this run's), and for a base, both bases."""
+    saved_keys = _reader(path).read_metadata().state_dict_metadata
+    saved = None
+    if LORA_KEY in saved_keys:
+        box = {LORA_KEY: ""}
+        dcp.load(box, storage_reader=_reader(path))
+        saved = json.loads(box[LORA_KEY])
+    if saved is None and lora is None:
+        return
+    if saved is None or lora is None:
+        was, now = ("a full fine-tune", "LoRA") if saved is None else (f"LoRA (--lora-rank {saved['rank']})", "a full fine-tune")
+        raise ResumeError(f"--resume: {path} is a checkpoint of {was} but this run is {now}; "
+                          f"resume with the first run's LoRA flags.")
+    show = lambda v: ",".join(v) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else v  # noqa: E731
+    differ = [f"{flag} {show(lora[key])} (checkpoint: {show(saved[key])})" for key, flag in LORA_FLAGS.items()
+              if lora[key] != saved[key]]
+    if differ:
+        raise ResumeError(f"--resume: {path} was trained with other LoRA settings: {'; '.join(differ)}; "
+                          f"resume with the first run's.")
+    if lora["base_fingerprint"] != saved["base_fingerprint"]:
+        raise ResumeError(f"--resume: {path} holds adapters trained on the base {saved['base']}, but --init "
+                          f"{lora['base']} has other weights; resume with the first run's --init.")

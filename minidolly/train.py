@@ -43,7 +43,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-from .checkpoint import DownloadError, load_model, resolve, save_model
+from .checkpoint import (
+    DownloadError,
+    adapter_config,
+    fingerprint,
+    load_model,
+    looks_like_hub_id,
+    resolve,
+    save_adapter,
+    save_model,
+)
 from .config import ModelConfig, hub_id, size_key
 from .data import (
     IGNORE_INDEX,
@@ -57,6 +66,7 @@ from .data import (
     tokenize_records,
     train_val_split,
 )
+from .lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, lora_parameter_count, merge_state_dict, parse_targets
 from .memory import GiB, MemoryPlan, plan_memory
 from .metrics import MetricsLog, duration, peak_memory, plot_loss
 from .model import GPTNeoX
@@ -68,7 +78,7 @@ from .parallel import (
     init_distributed,
     needs_fsdp,
 )
-from .resume import ResumeError, checkpoint_dirs, load_checkpoint, resume_from, save_checkpoint
+from .resume import ResumeError, check_lora_settings, checkpoint_dirs, load_checkpoint, resume_from, save_checkpoint
 from .tokenizer import Tokenizer, load_tokenizer
 
 SCHEDULES = ("constant", "cosine", "linear")
@@ -118,6 +128,11 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 compute on GPU, fp32 on CPU
     kernels: str = "auto"  # our Triton kernels: auto (on CUDA where they run), on, off
     skip_bad_records: bool = False
+    lora_rank: int = 0  # 0: full fine-tune; R >= 1: train LoRA adapters of rank R beside the frozen base
+    lora_alpha: float | None = None  # None: 2 x --lora-rank
+    lora_dropout: float | None = None  # None: 0.05
+    lora_targets: str | None = None  # None: query_key_value (PEFT's default for GPT-NeoX); all-linear; a comma list
+    merge: bool = False  # LoRA: also write final-merged/, the base with the adapters folded in
     resume: bool = False
     dry_run: bool = False
     world_size: int | None = None  # --dry-run only: plan for this many ranks
@@ -159,6 +174,39 @@ class TrainConfig:
                 ModelConfig.from_size(self.size)
             except ValueError as e:
                 raise UsageError(f"--size: {e}") from None
+        self._validate_lora()
+
+    def _validate_lora(self) -> None:
+        """The LoRA flags: a rank >= 1 before any other, then each value's range."""
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise UsageError(f"--lora-rank must be an integer >= 1 (or 0 for a full fine-tune), got {self.lora_rank!r}.")
+        given = [f"--{_flag(n)}" for n in ("lora_alpha", "lora_dropout", "lora_targets") if getattr(self, n) is not None]
+        given += ["--merge"] if self.merge else []
+        if self.lora_rank == 0:
+            if given:
+                raise UsageError(f"{given[0]} applies to LoRA; pass --lora-rank R (R >= 1) with it, "
+                                 f"or drop it for a full fine-tune.")
+            return
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise UsageError(f"--lora-alpha must be a number > 0, got {self.lora_alpha!r}.")
+        if self.lora_dropout is not None and not 0 <= self.lora_dropout < 1:
+            raise UsageError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        try:
+            parse_targets(self.lora_targets or ",".join(DEFAULT_TARGETS))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if self.init == "scratch":
+            raise UsageError("--lora-rank adapts pretrained weights, and --init scratch has none; pass --init with "
+                             "a checkpoint (or drop --init for EleutherAI/pythia-<size>).")
+
+    def lora(self) -> LoRAConfig | None:
+        """The LoRA settings with their defaults filled in, or None for a full fine-tune."""
+        if not self.lora_rank:
+            return None
+        return LoRAConfig(rank=self.lora_rank,
+                          alpha=float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank,
+                          dropout=self.lora_dropout if self.lora_dropout is not None else 0.05,
+                          targets=tuple(parse_targets(self.lora_targets or ",".join(DEFAULT_TARGETS))))
 
 
 def _flag(name: str) -> str:
@@ -227,11 +275,22 @@ def build_model(sources: Sources, cfg: TrainConfig, device: torch.device, comput
         starting weights are the same whatever the world size (4·P bytes of host RAM on rank 0).
     --kernels sets `GPTNeoX.use_kernels`. Raises UsageError (on every rank) when rank 0
     cannot read the checkpoint.
+
+    With LoRA (`cfg.lora()`), adapters go in right after the model is built, before the other
+    wrappers (torchtitan's order; minidolly/lora.py): every base parameter is frozen and, with
+    bf16 compute, held in bf16 (it is never updated, so an fp32 master copy would buy
+    nothing), while the adapters are fp32; FSDP shards both. Rank 0 draws the adapters'
+    initial values (PEFT's init, seeded by --seed) into the full state dict it broadcasts.
     """
+    lora = cfg.lora()
     with torch.device("meta"):
         model = GPTNeoX(sources.config, use_kernels=KERNELS[cfg.kernels])
+    if lora:
+        model.to(compute_dtype or torch.float32)
+        apply_lora(model, lora.rank, lora.alpha, lora.dropout, list(lora.targets), dtype=torch.float32)
     if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
+        # LoRA's dropout draws random masks: the recomputed forward must draw the same ones
+        apply_activation_checkpointing(model, preserve_rng_state=bool(lora and lora.dropout > 0))
     if cfg.compile:
         apply_compile(model)
     if needs_fsdp(dist.get_world_size(), compute_dtype, cfg.cpu_offload):
@@ -245,7 +304,11 @@ def build_model(sources: Sources, cfg: TrainConfig, device: torch.device, comput
                 torch.manual_seed(cfg.seed)
                 full = GPTNeoX(sources.config).state_dict()
             else:
-                full = load_model(sources.init).state_dict()  # file dtype; each shard converts on copy
+                base = load_model(sources.init)  # file dtype; each shard converts on copy
+                if lora:
+                    torch.manual_seed(cfg.seed)
+                    apply_lora(base, lora.rank, lora.alpha, lora.dropout, list(lora.targets), dtype=torch.float32)
+                full = base.state_dict()
         except (ValueError, OSError) as e:
             error = str(e)
     error = _broadcast(error)
@@ -331,16 +394,47 @@ def evaluate(model, examples, micro_batch_size: int, pad_id: int, device) -> flo
     return (totals[0] / totals[1]).item()
 
 
-def save_final(directory: str, model, tokenizer, dtype: torch.dtype) -> None:
+def save_final(directory: str, model, tokenizer, dtype: torch.dtype, lora_scaling: float | None = None) -> None:
     """Gather the full weights onto rank 0 (one tensor at a time, into host memory: 4·P
-    bytes) and write them in `dtype` with the tokenizer in Hugging Face format."""
+    bytes) and write them in `dtype` with the tokenizer in Hugging Face format. A LoRA model
+    (`lora_scaling` = alpha / r) is written merged: each adapted weight + scaling · B A."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
+        if lora_scaling is not None:
+            merge_state_dict(full, lora_scaling)
         for k in full:  # in place: each fp32 tensor is freed as its copy is made
             full[k] = full[k].to(dtype)
         save_model(model, directory, state_dict=full)
         tokenizer.save(directory)
     dist.barrier()
+
+
+def save_lora_final(directory: str, model, tokenizer, config: dict) -> None:
+    """Gather the adapters onto rank 0 (frozen parameters stay where they are) and write
+    them as a PEFT adapter (`config`: its adapter_config.json) with the tokenizer."""
+    adapters = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                    ignore_frozen_params=True))
+    if dist.get_rank() == 0:
+        save_adapter(directory, adapters, config)
+        tokenizer.save(directory)
+    dist.barrier()
+
+
+def base_record(cfg: TrainConfig, sources: Sources) -> dict:
+    """The identity of a LoRA run's frozen base, which its checkpoints do not hold: the
+    --init it was given (a Hub id, or the directory's absolute path, which the adapter's
+    base_model_name_or_path also names) and the `fingerprint` of its files. Rank 0 reads
+    the files; every rank gets the same record."""
+    init = cfg.init or hub_id(cfg.size)
+    name = init if looks_like_hub_id(init) else os.path.abspath(os.path.expanduser(init))
+    return {"base": name, "base_fingerprint": _broadcast(fingerprint(sources.init) if dist.get_rank() == 0 else None)}
+
+
+def micro_batch_seed(seed: int, step: int, first_example: int) -> int:
+    """The random seed of one micro-batch's dropout: a function of --seed, the step and the
+    micro-batch's first example, so the masks do not depend on the world size (micro-batches
+    are the same on 1 or N ranks, only dealt out differently) nor on where a resume started."""
+    return (seed * 1_000_003 + step) * 1_000_003 + first_example
 
 
 # ------------------------------------------------------------------------ setup
@@ -366,6 +460,8 @@ class Run:
     total_steps: int
     metrics: MetricsLog
     step: int = 0  # optimizer steps taken
+    lora: LoRAConfig | None = None  # a LoRA run's settings; None: full fine-tune
+    lora_record: dict | None = None  # what its checkpoints record and a resume must match (`check_lora_settings`)
 
 
 def dry_run(cfg: TrainConfig) -> MemoryPlan:
@@ -426,6 +522,13 @@ def _read_inputs(cfg: TrainConfig, env):
     return sources, tokenizer, train_set, val_set, sampler, data_stats | token_stats
 
 
+def _lora_banner(lora: LoRAConfig, config: ModelConfig, compute_dtype) -> str:
+    n = lora_parameter_count(config, lora.rank, list(lora.targets))
+    return (f"LoRA: rank {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g} on {', '.join(lora.targets)}: "
+            f"{n:,} trainable parameters ({100 * n / config.num_params():.2f}% of the model), "
+            f"base frozen in {'bf16' if compute_dtype else 'fp32'}")
+
+
 def setup(cfg: TrainConfig, env: Distributed) -> Run:
     """Everything before the first step, in the order that fails cheapest first: the options,
     the inputs, the resume policy (`resume_from`), the memory plan (a plan that does not
@@ -439,6 +542,13 @@ def setup(cfg: TrainConfig, env: Distributed) -> Run:
         resume_path = resume_from(out, cfg.resume)
     except ResumeError as e:
         raise UsageError(str(e)) from None
+    lora = cfg.lora()
+    record = dict(dataclasses.asdict(lora), targets=list(lora.targets)) | base_record(cfg, sources) if lora else None
+    if resume_path:
+        try:
+            check_lora_settings(resume_path, record)
+        except ResumeError as e:
+            raise UsageError(str(e)) from None
 
     total_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
     accumulation = cfg.global_batch_size // (cfg.micro_batch_size * env.world_size)
@@ -447,6 +557,8 @@ def setup(cfg: TrainConfig, env: Distributed) -> Run:
         _say(env, str(plan))
         raise UsageError(f"This run does not fit in memory (plan above); try --activation-checkpointing, a smaller "
                          f"--micro-batch-size or --max-length, more ranks{', or --cpu-offload' if env.device.type == 'cuda' else ''}.")
+    if plan.activation_checkpointing and not cfg.activation_checkpointing:  # a LoRA plan turned it on
+        cfg = dataclasses.replace(cfg, activation_checkpointing=True)
     _say(env,
          f"model: {sources.init if sources.init == 'scratch' else 'from ' + sources.init} "
          f"({sources.config.num_params() / 1e6:.1f}M parameters), tokenizer {sources.tokenizer}",
@@ -457,14 +569,19 @@ def setup(cfg: TrainConfig, env: Distributed) -> Run:
          f"{cfg.global_batch_size} = {accumulation} micro-batches of {cfg.micro_batch_size} x {env.world_size} "
          f"rank(s); {total_steps} steps ({sampler.steps_per_epoch} per epoch)",
          f"memory: {plan.total('device') / GiB:.2f} GiB per rank planned on {plan.device_name}; {plan.note or 'no accumulation'}",
+         *([_lora_banner(lora, sources.config, compute_dtype)] if lora else []),
          f"output: {out}")
 
     model = build_model(sources, cfg, env.device, compute_dtype)
+    if lora:
+        held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters()
+                   if not p.requires_grad)  # FSDP shards the frozen base too
+        _say(env, f"LoRA: rank 0 holds {held:,} of the base's {sources.config.num_params():,} frozen parameters")
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     run = Run(cfg=cfg, env=env, sources=sources, tokenizer=tokenizer, train_set=train_set, val_set=val_set,
               sampler=sampler, plan=plan, out=out, model=model, optimizer=optimizer, scheduler=scheduler,
               compute_dtype=compute_dtype, total_steps=total_steps,
-              metrics=MetricsLog(os.path.join(out, "metrics.jsonl"), env.is_main))
+              metrics=MetricsLog(os.path.join(out, "metrics.jsonl"), env.is_main), lora=lora, lora_record=record)
     if resume_path:
         try:
             run.step = load_checkpoint(resume_path, model, optimizer, scheduler, sampler)
@@ -505,6 +622,8 @@ def train_step(run: Run, batch: Step) -> StepResult:
     n_targets = count_targets([run.train_set[i] for i in batch.global_indices])
     total = torch.zeros((), dtype=torch.float64, device=device)
     for j, indices in enumerate(batch.micro_batches):
+        if run.lora and run.lora.dropout > 0:
+            torch.manual_seed(micro_batch_seed(run.cfg.seed, run.step, indices[0]) % 2**63)
         if hasattr(model, "set_requires_gradient_sync"):  # an FSDP module
             model.set_requires_gradient_sync(j == len(batch.micro_batches) - 1 or not run.plan.skip_sync)
         micro = loss_sum(model, collate([run.train_set[i] for i in indices], run.tokenizer.pad_id), device) / n_targets
@@ -558,7 +677,8 @@ def after_step(run: Run, batch: Step, result: StepResult, seconds: float, eta: f
     if cfg.eval_every and step % cfg.eval_every == 0 and step < run.total_steps:
         _evaluate(run)
     if cfg.save_every and step % cfg.save_every == 0:
-        path = save_checkpoint(run.out, step, run.model, run.optimizer, run.scheduler, run.sampler, cfg.keep_checkpoints)
+        path = save_checkpoint(run.out, step, run.model, run.optimizer, run.scheduler, run.sampler, cfg.keep_checkpoints,
+                               lora=run.lora_record)
         _say(run.env, f"saved {path}")
     if cfg.stop_after_step == step:
         sys.stdout.flush()
@@ -567,14 +687,29 @@ def after_step(run: Run, batch: Step, result: StepResult, seconds: float, eta: f
 
 def finish(run: Run, last: StepResult | None) -> dict:
     """The last evaluation, final/ in Hugging Face format (in the compute dtype) and
-    loss.png. Returns the summary `train` returns."""
+    loss.png. Returns the summary `train` returns.
+
+    A LoRA run's final/ is a PEFT adapter (adapter_config.json, adapter_model.safetensors, the
+    tokenizer) over its --init base, and --merge adds final-merged/, the base with the
+    adapters folded in, in Hugging Face format."""
     val_loss = _evaluate(run)
     final = os.path.join(run.out, "final")
-    save_final(final, run.model, run.tokenizer, run.compute_dtype or torch.float32)
-    _say(run.env, f"saved {final} (Hugging Face format)")
+    summary = {"steps": run.step, "loss": last.loss if last else float("nan"), "val_loss": val_loss, "final": final}
+    if run.lora:
+        lora = run.lora
+        save_lora_final(final, run.model, run.tokenizer,
+                        adapter_config(run.lora_record["base"], lora.rank, lora.alpha, lora.dropout, list(lora.targets)))
+        _say(run.env, f"saved {final} (PEFT LoRA adapter over {run.lora_record['base']})")
+        if run.cfg.merge:
+            summary["merged"] = os.path.join(run.out, "final-merged")
+            save_final(summary["merged"], run.model, run.tokenizer, run.compute_dtype or torch.float32, lora.scaling)
+            _say(run.env, f"saved {summary['merged']} (Hugging Face format, adapters merged)")
+    else:
+        save_final(final, run.model, run.tokenizer, run.compute_dtype or torch.float32)
+        _say(run.env, f"saved {final} (Hugging Face format)")
     if run.env.is_main and not plot_loss(run.metrics.path, os.path.join(run.out, "loss.png")):
         print("note: matplotlib is not installed, so no loss.png (pip install matplotlib)", flush=True)
-    return {"steps": run.step, "loss": last.loss if last else float("nan"), "val_loss": val_loss, "final": final}
+    return summary
 
 
 def train(cfg: TrainConfig) -> dict:
