@@ -15,7 +15,7 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.40"],
+        "test": ["pytest", "transformers>=4.40", "peft>=0.10"],
         "plot": ["matplotlib"],
     },
 )
