@@ -39,6 +39,8 @@ kind's memory cannot hide in another's): on CPU the resident set's high-water ma
 (VmHWM, reset through /proc/self/clear_refs after the model and optimizer are built), on a
 GPU torch.cuda.max_memory_allocated; "peak" is that high-water mark, "step" the part above
 what was resident before the first step (activations, gradients, AdamW state, temporaries).
+"FLOP ceiling" is PEFT's FLOPs per step over ours (torch's FlopCounterMode: matmuls and
+attention), the ratio the two would reach if every FLOP ran at the same speed.
 """
 
 import argparse
@@ -51,6 +53,7 @@ import sys
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -144,14 +147,25 @@ def loop_step(config: ModelConfig, state: dict, batches: list[dict], compile: bo
     return synced(step, device)
 
 
-def hf_step(config: ModelConfig, state: dict, batches: list[dict], device, bf16: bool):
-    """transformers' GPTNeoXForCausalLM step with the same weights, cycling through `batches`."""
+LORA_DROPOUT = 0.05
+
+
+def hf_step(config: ModelConfig, state: dict, batches: list[dict], device, bf16: bool, lora_rank: int = 0):
+    """transformers' GPTNeoXForCausalLM step with the same weights, cycling through `batches`;
+    with `lora_rank`, PEFT's LoRA on it (`get_peft_model`: the same rank, alpha, dropout and
+    target as ours), AdamW over the adapters."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     hf = GPTNeoXForCausalLM(GPTNeoXConfig(**config.to_hf())).train().to(device)
     head = "lm_head.weight" if "lm_head.weight" in hf.state_dict() else "embed_out.weight"  # transformers 5 renamed it
     hf.load_state_dict({(head if k == "embed_out.weight" else "gpt_neox." + k): v for k, v in state.items()})
-    opt = torch.optim.AdamW(hf.parameters(), lr=1e-5, fused=True)  # the HF Trainer's default, adamw_torch_fused
+    if lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        hf = get_peft_model(hf, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=LORA_DROPOUT,
+                                           target_modules=["query_key_value"], task_type="CAUSAL_LM"))
+    # the HF Trainer's default, adamw_torch_fused, over what trains
+    opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-5, fused=True)
     data = itertools.cycle(batches)
 
     def step():
@@ -165,40 +179,11 @@ def hf_step(config: ModelConfig, state: dict, batches: list[dict], device, bf16:
     return synced(step, device)
 
 
-LORA_DROPOUT = 0.05
-
-
-def peft_step(config: ModelConfig, state: dict, batches: list[dict], device, bf16: bool, lora_rank: int):
-    """PEFT's LoRA (`get_peft_model`, the same rank, alpha, dropout and target) on
-    transformers' GPTNeoXForCausalLM with the same weights, AdamW over the adapters; under
-    torch.autocast for bf16 (the HF Trainer's bf16=True), cycling through `batches`."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    hf = GPTNeoXForCausalLM(GPTNeoXConfig(**config.to_hf())).train().to(device)
-    head = "lm_head.weight" if "lm_head.weight" in hf.state_dict() else "embed_out.weight"
-    hf.load_state_dict({(head if k == "embed_out.weight" else "gpt_neox." + k): v for k, v in state.items()})
-    model = get_peft_model(hf, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=LORA_DROPOUT,
-                                          target_modules=["query_key_value"], task_type="CAUSAL_LM"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
-    data = itertools.cycle(batches)
-
-    def step():
-        micro = next(data)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=micro["input_ids"].to(device), labels=micro["labels"].to(device)).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return synced(step, device)
-
-
 def lora_steps(config: ModelConfig, state: dict, batches: list[dict], device, bf16: bool, rank: int) -> dict:
     """The three steps the LoRA comparison times: full fine-tuning, our LoRA, PEFT's."""
     return {"full": loop_step(config, state, batches, False, device, bf16),
             "lora": loop_step(config, state, batches, False, device, bf16, lora_rank=rank),
-            "peft": peft_step(config, state, batches, device, bf16, rank)}
+            "peft": hf_step(config, state, batches, device, bf16, lora_rank=rank)}
 
 
 def _resident() -> tuple[int, int]:
@@ -210,13 +195,14 @@ def _resident() -> tuple[int, int]:
 
 def measure_memory(kind: str, size: str, batches: list[dict], device, bf16: bool, rank: int) -> dict:
     """In this (fresh) process: build one kind of step, then run it over `batches`
-    once and return {"peak": bytes, "step": bytes above what was resident before the first step}."""
+    once and return {"peak": bytes, "step": bytes above what was resident before the first step,
+    "flops": per step, as torch's FlopCounterMode counts them (matmuls and attention)}."""
     torch.manual_seed(0)
     config = ModelConfig.from_size(size)
     state = GPTNeoX(config).state_dict()
     step = {"full": lambda: loop_step(config, state, batches, False, device, bf16),
             "lora": lambda: loop_step(config, state, batches, False, device, bf16, lora_rank=rank),
-            "peft": lambda: peft_step(config, state, batches, device, bf16, rank)}[kind]()
+            "peft": lambda: hf_step(config, state, batches, device, bf16, lora_rank=rank)}[kind]()
     if device.type == "cuda":
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -224,10 +210,11 @@ def measure_memory(kind: str, size: str, batches: list[dict], device, bf16: bool
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # Linux: reset the resident set's high-water mark to the current size
         base = _resident()[0]
-    for _ in range(len(batches)):
-        step()
+    with FlopCounterMode(display=False) as flops:
+        for _ in range(len(batches)):
+            step()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _resident()[1]
-    return {"peak": peak, "step": peak - base}
+    return {"peak": peak, "step": peak - base, "flops": flops.get_total_flops() / len(batches)}
 
 
 def bench_lora(size: str, batches: list[dict], device: torch.device, bf16: bool, rank: int, args) -> dict:
@@ -321,13 +308,14 @@ def main_lora(args, batches: list[dict], device: torch.device, bf16: bool, where
           f"LoRA rank {args.lora_rank}, alpha {2 * args.lora_rank}, dropout {LORA_DROPOUT} on query_key_value")
     memory_kind = "max_memory_allocated" if device.type == "cuda" else "resident set high-water mark"
     print(f"tokens/s; memory in GiB ({memory_kind}: peak / above the built model)")
-    print(f"{'shape':<8}{'full FT':>9}{'LoRA':>8}{'PEFT+HF':>9}{'LoRA/PEFT':>11}{'LoRA/full':>11}"
+    print(f"{'shape':<8}{'full FT':>9}{'LoRA':>8}{'PEFT+HF':>9}{'LoRA/PEFT':>11}{'LoRA/full':>11}{'FLOP ceiling':>14}"
           f"{'full mem':>15}{'LoRA mem':>15}{'PEFT mem':>15}{'LoRA/PEFT mem':>15}")
     for size in args.sizes:
         r = bench_lora(size, batches, device, bf16, args.lora_rank, args)
         full, lora, peft = (r["tokens"] / r[k] for k in ("full", "lora", "peft"))
         mem = {k: f"{v['peak'] / 2**30:.2f} / {v['step'] / 2**30:.2f}" for k, v in r["memory"].items()}
-        print(f"{size:<8}{full:>9,.0f}{lora:>8,.0f}{peft:>9,.0f}{lora / peft:>10.2f}x{lora / full:>10.2f}x"
+        ceiling = r["memory"]["peft"]["flops"] / r["memory"]["lora"]["flops"]
+        print(f"{size:<8}{full:>9,.0f}{lora:>8,.0f}{peft:>9,.0f}{lora / peft:>10.2f}x{lora / full:>10.2f}x{ceiling:>13.2f}x"
               f"{mem['full']:>15}{mem['lora']:>15}{mem['peft']:>15}"
               f"{r['memory']['lora']['peak'] / r['memory']['peft']['peak']:>14.2f}x")
 

@@ -192,8 +192,8 @@ class TrainConfig:
         if self.lora_dropout is not None and not 0 <= self.lora_dropout < 1:
             raise UsageError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}.")
         try:
-            parse_targets(self.lora_targets or ",".join(DEFAULT_TARGETS))
-        except ValueError as e:
+            self.lora()
+        except ValueError as e:  # an unknown --lora-targets name
             raise UsageError(str(e)) from None
         if self.init == "scratch":
             raise UsageError("--lora-rank adapts pretrained weights, and --init scratch has none; pass --init with "
@@ -434,7 +434,7 @@ def micro_batch_seed(seed: int, step: int, first_example: int) -> int:
     """The random seed of one micro-batch's dropout: a function of --seed, the step and the
     micro-batch's first example, so the masks do not depend on the world size (micro-batches
     are the same on 1 or N ranks, only dealt out differently) nor on where a resume started."""
-    return (seed * 1_000_003 + step) * 1_000_003 + first_example
+    return ((seed * 1_000_003 + step) * 1_000_003 + first_example) % 2**63  # torch.manual_seed's range
 
 
 # ------------------------------------------------------------------------ setup
@@ -623,7 +623,7 @@ def train_step(run: Run, batch: Step) -> StepResult:
     total = torch.zeros((), dtype=torch.float64, device=device)
     for j, indices in enumerate(batch.micro_batches):
         if run.lora and run.lora.dropout > 0:
-            torch.manual_seed(micro_batch_seed(run.cfg.seed, run.step, indices[0]) % 2**63)
+            torch.manual_seed(micro_batch_seed(run.cfg.seed, run.step, indices[0]))
         if hasattr(model, "set_requires_gradient_sync"):  # an FSDP module
             model.set_requires_gradient_sync(j == len(batch.micro_batches) - 1 or not run.plan.skip_sync)
         micro = loss_sum(model, collate([run.train_set[i] for i in indices], run.tokenizer.pad_id), device) / n_targets

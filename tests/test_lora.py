@@ -8,7 +8,6 @@ real Dolly records cut to 96 tokens, as tests/test_train.py does.
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -25,22 +24,11 @@ from minidolly.config import ModelConfig
 from minidolly.data import collate, load_records, tokenize_records
 from minidolly.lora import LoRALinear, apply_lora, lora_parameter_count, merge_lora, parse_targets
 from minidolly.model import GPTNeoX
-from minidolly.parallel import init_distributed
 from minidolly.train import TrainConfig, UsageError, build_model, build_optimizer, dry_run, loss_sum, resolve_sources
-
-spec = importlib.util.spec_from_file_location("train_cli", REPO / "train.py")
-cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(cli)
+from test_train import cli, losses, metrics, one_rank, run_cli, tiny  # noqa: F401 (fixtures)
 
 STEPS = 4
 TARGET_SETTINGS = ["query_key_value", "all-linear", "dense,dense_4h_to_h"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    make_hf_checkpoint(d, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
-    return str(d)
 
 
 def common(tiny, out, *extra, lora=("--lora-rank", "8", "--lora-targets", "all-linear")):
@@ -48,23 +36,6 @@ def common(tiny, out, *extra, lora=("--lora-rank", "8", "--lora-targets", "all-l
             "--max-length", "96", "--val-size", "38", "--global-batch-size", "8", "--micro-batch-size", "2",
             "--log-every", "1", "--lr", "2e-2", "--warmup-steps", "0", "--eval-every", "0", "--max-steps", str(STEPS),
             *lora, *extra]
-
-
-def run_cli(*args, torchrun=False):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] \
-        if torchrun else [sys.executable]
-    return subprocess.run([*launcher, str(REPO / "train.py"), *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
-def metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def losses(out):
-    return {r["step"]: r["loss"] for r in metrics(out) if "loss" in r}
 
 
 def adapters(out):
@@ -85,17 +56,6 @@ def reference(tiny, tmp_path_factory):
     r = run_cli(*common(tiny, out, "--save-every", "2", "--merge", "--eval-every", "0"))
     assert r.returncode == 0, r.stderr[-3000:]
     return str(out), before, r.stdout
-
-
-@pytest.fixture
-def one_rank():
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    init_distributed()
-    yield
-    if created:
-        dist.destroy_process_group()
 
 
 def real_batch(n=4):
@@ -423,3 +383,25 @@ def test_bad_lora_flags_exit_2_with_one_line(argv, words, capsys):
         assert "query_key_value, dense, dense_h_to_4h, dense_4h_to_h" in err
     with pytest.raises(UsageError):  # the library refuses it too
         cli.parse_args(["--size", "14m", *argv]).validate()
+
+
+@pytest.mark.cuda
+def test_one_gpu_bf16_lora_with_every_memory_option_resumes_exactly(tiny, tmp_path):
+    # For a GPU owner (`pytest -m cuda`): LoRA on one GPU through torchrun and nccl, the base
+    # held in bf16, with torch.compile, activation checkpointing and CPU offload, killed after
+    # step 3 and resumed from its step-2 checkpoint: step 3's loss is a forward of the
+    # checkpoint's adapters on the same batch with the same dropout masks, so it must come out
+    # bit for bit.
+    args = common(tiny, tmp_path, "--save-every", "2", "--precision", "bf16", "--compile",
+                  "--activation-checkpointing", "--cpu-offload", "--merge")
+    killed = run_cli(*args, "--stop-after-step", "3", torchrun=True, nproc=1)
+    assert "base frozen in bf16" in killed.stdout, killed.stdout[-3000:] + killed.stderr[-3000:]
+    assert killed.returncode != 0 and sorted(os.listdir(tmp_path / "checkpoints")) == ["step-00000002"]
+    before = losses(tmp_path)
+    resumed = run_cli(*args, "--resume", torchrun=True, nproc=1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = losses(tmp_path)
+    assert sorted(after) == [1, 2, 3, 4] and after[3] == before[3]
+    assert all(t.dtype == torch.float32 for t in adapters(tmp_path).values())
+    merged = load_file(os.path.join(tmp_path, "final-merged", "model.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in merged.values())
