@@ -39,8 +39,8 @@ kind's memory cannot hide in another's): on CPU the resident set's high-water ma
 (VmHWM, reset through /proc/self/clear_refs after the model and optimizer are built), on a
 GPU torch.cuda.max_memory_allocated; "peak" is that high-water mark, "step" the part above
 what was resident before the first step (activations, gradients, AdamW state, temporaries).
-"FLOP ceiling" is PEFT's FLOPs per step over ours (torch's FlopCounterMode: matmuls and
-attention), the ratio the two would reach if every FLOP ran at the same speed.
+"FLOP ceiling" is PEFT's FLOPs per step over ours (matmuls and attention, counted with
+torch's flop formulas), the ratio the two would reach if every FLOP ran at the same speed.
 """
 
 import argparse
@@ -53,7 +53,8 @@ import sys
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -186,6 +187,21 @@ def lora_steps(config: ModelConfig, state: dict, batches: list[dict], device, bf
             "peft": hf_step(config, state, batches, device, bf16, lora_rank=rank)}
 
 
+class CountFlops(TorchDispatchMode):
+    """The FLOPs of every op torch's flop counter knows (matmuls, attention), summed in
+    `total`. torch's own FlopCounterMode also tracks modules, which keeps tensors alive and
+    would inflate the memory measured beside it; this holds nothing."""
+
+    total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.overloadpacket in flop_registry:
+            self.total += flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
+        return out
+
+
 def _resident() -> tuple[int, int]:
     """(VmRSS, VmHWM) of this process in bytes."""
     with open("/proc/self/status") as f:
@@ -196,7 +212,7 @@ def _resident() -> tuple[int, int]:
 def measure_memory(kind: str, size: str, batches: list[dict], device, bf16: bool, rank: int) -> dict:
     """In this (fresh) process: build one kind of step, then run it over `batches`
     once and return {"peak": bytes, "step": bytes above what was resident before the first step,
-    "flops": per step, as torch's FlopCounterMode counts them (matmuls and attention)}."""
+    "flops": per step, counted by `CountFlops`}."""
     torch.manual_seed(0)
     config = ModelConfig.from_size(size)
     state = GPTNeoX(config).state_dict()
@@ -210,11 +226,11 @@ def measure_memory(kind: str, size: str, batches: list[dict], device, bf16: bool
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # Linux: reset the resident set's high-water mark to the current size
         base = _resident()[0]
-    with FlopCounterMode(display=False) as flops:
+    with CountFlops() as flops:
         for _ in range(len(batches)):
             step()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _resident()[1]
-    return {"peak": peak, "step": peak - base, "flops": flops.get_total_flops() / len(batches)}
+    return {"peak": peak, "step": peak - base, "flops": flops.total / len(batches)}
 
 
 def bench_lora(size: str, batches: list[dict], device: torch.device, bf16: bool, rank: int, args) -> dict:

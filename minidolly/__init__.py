@@ -2,11 +2,13 @@
 
     from minidolly import load_model, load_tokenizer
     model = load_model("databricks/dolly-v2-3b")  # or a local checkpoint directory
+    model = load_model("runs/dolly-12b/final")    # a LoRA adapter: its base, with the adapter merged in
 """
 
 from .checkpoint import CheckpointError, DownloadError, load_model, save_model
 from .config import ModelConfig
 from .generate import generate, stream
+from .lora import apply_lora, merge_lora
 from .model import GPTNeoX, KVCache
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -17,9 +19,11 @@ __all__ = [
     "KVCache",
     "ModelConfig",
     "Tokenizer",
+    "apply_lora",
     "generate",
     "load_model",
     "load_tokenizer",
+    "merge_lora",
     "save_model",
     "stream",
 ]

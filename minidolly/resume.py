@@ -9,7 +9,8 @@ policy that decides what a run continues from.
 A checkpoint holds everything needed to continue a run exactly, on any number of ranks and on
 another kind of device: model and optimizer shards, the LR schedule, the step, the data
 sampler's position and each rank's random generators. Only parameters that train are saved
-(`requires_grad`); frozen ones come from --init again.
+(`requires_grad`); frozen ones come from --init again. A LoRA run's checkpoints also record its
+LoRA settings and its base's identity, which `check_lora_settings` holds a resume to.
 
 This is not the model file format: minidolly/checkpoint.py reads and writes Hugging Face
 checkpoints (the --init weights, <out>/final/), which `load_model`, transformers and

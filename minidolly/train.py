@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 from .checkpoint import (
+    ADAPTER_CONFIG,
     DownloadError,
     adapter_config,
     fingerprint,
@@ -243,6 +244,9 @@ def resolve_sources(cfg: TrainConfig, *, offline: bool = False) -> Sources:
             raise UsageError(f"--init {init} is not a local directory; pass --size to plan without downloading it.")
         return Sources(preset, init, cfg.tokenizer or init, name)
     directory = resolve(init)
+    if os.path.isfile(os.path.join(directory, ADAPTER_CONFIG)):
+        raise UsageError(f"--init {init} is a LoRA adapter, not a model; start from its base, or from the model "
+                         f"with the adapter merged in (train.py --merge writes it to final-merged/).")
     config = ModelConfig.from_hf(directory)
     if preset is not None:
         shape = lambda c: (c.num_layers, c.hidden_size, c.num_heads)  # noqa: E731

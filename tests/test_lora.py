@@ -405,3 +405,10 @@ def test_one_gpu_bf16_lora_with_every_memory_option_resumes_exactly(tiny, tmp_pa
     assert all(t.dtype == torch.float32 for t in adapters(tmp_path).values())
     merged = load_file(os.path.join(tmp_path, "final-merged", "model.safetensors"))
     assert all(t.dtype == torch.bfloat16 for t in merged.values())
+
+
+def test_an_adapter_as_init_is_refused(reference, capsys):
+    out, _, _ = reference
+    assert cli.main(["--init", os.path.join(out, "final"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a LoRA adapter" in err and "final-merged" in err, err
