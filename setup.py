@@ -16,7 +16,7 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.40", "gguf>=0.10", "llama-cpp-python>=0.3", "openai>=1.0", "httpx>=0.27", "selenium>=4.10"],
+        "test": ["pytest", "transformers>=4.40", "peft>=0.10", "gguf>=0.10", "llama-cpp-python>=0.3", "openai>=1.0", "httpx>=0.27", "selenium>=4.10"],
         "plot": ["matplotlib"],
         "gguf": ["gguf>=0.10"],  # save_gguf / generate.py --export-gguf
         "serve": ["starlette>=0.37", "uvicorn>=0.29"],

@@ -3,6 +3,7 @@
     python train.py --size 70m                                   # one process (CPU or one GPU)
     torchrun --nproc_per_node 8 train.py --size 12b --activation-checkpointing
     python train.py --size 12b --dry-run --world-size 8          # the memory plan only
+    python train.py --size 12b --lora-rank 16 --merge            # LoRA: adapters beside the frozen base
 
 The loop lives in minidolly/train.py; docs/training.md explains it. This file only parses
 flags. A mistake in a flag or an input file prints one line and exits 2.
@@ -56,6 +57,15 @@ def parse_args(argv=None) -> TrainConfig:
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay (not on biases/LayerNorms)")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip gradients to this norm (0: off)")
     g.add_argument("--seed", type=int, default=d.seed, help="data order, validation split, scratch init")
+    g = p.add_argument_group("LoRA (low-rank adapters beside the frozen base; docs/training.md)")
+    g.add_argument("--lora-rank", type=int, default=d.lora_rank,
+                   help="train LoRA adapters of this rank instead of every weight (0: full fine-tune)")
+    g.add_argument("--lora-alpha", type=float, help="the update is scaled by alpha / rank (default: 2 x rank)")
+    g.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default: 0.05)")
+    g.add_argument("--lora-targets", help="query_key_value (default, PEFT's for GPT-NeoX), all-linear, or a comma "
+                                          "list of: query_key_value, dense, dense_h_to_4h, dense_4h_to_h")
+    g.add_argument("--merge", action="store_true", help="also write final-merged/: the base with the adapters "
+                                                        "folded in (Hugging Face format)")
     g = p.add_argument_group("memory and precision")
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision, help="auto: bf16 on GPU, fp32 on CPU")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each layer in backward")

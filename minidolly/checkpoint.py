@@ -8,19 +8,28 @@ weights are .bin only). HF keys are ours with a `gpt_neox.` prefix, except `embe
 Loading never holds two copies of the weights: the model is built on the meta device (no
 memory), each tensor is a view into the memory-mapped file, converted to the requested
 dtype/device one tensor at a time, and assigned into the model.
+
+A LoRA adapter directory (PEFT's layout, minidolly/lora.py) holds `adapter_config.json` (rank,
+alpha, targets and `base_model_name_or_path`) and `adapter_model.safetensors`, whose keys are
+the Hugging Face keys of the adapted modules with PEFT's `base_model.model.` prefix.
+`load_model` recognises one and returns its base with the adapter merged in.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import struct
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import save_file
 
 from . import quantize as Q
 from .config import ModelConfig
+from .lora import merged_weight
 from .model import GPTNeoX
 
 
@@ -50,6 +59,16 @@ def hf_key(name: str) -> str:
 def our_key(key: str) -> str:
     """Hugging Face key -> our parameter name (inverse of `hf_key`)."""
     return key.removeprefix("gpt_neox.")
+
+
+PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
+
+
+def peft_key(name: str) -> str:
+    """Our adapter parameter name -> PEFT's key in adapter_model.safetensors, e.g.
+    layers.0.attention.query_key_value.lora_A.weight ->
+    base_model.model.gpt_neox.layers.0.attention.query_key_value.lora_A.weight."""
+    return PEFT_PREFIX + hf_key(name)
 
 
 # ------------------------------------------------------------------- locating
@@ -184,10 +203,13 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
 
 
 def load_model(source, dtype: torch.dtype | None = None, device=None, use_kernels: bool | None = None,
-               quantize: str | None = None, group_size: int | None = None) -> GPTNeoX:
-    """Load a GPT-NeoX checkpoint in Hugging Face layout, or one that save_model wrote quantized.
+               quantize: str | None = None, group_size: int | None = None, adapter=None) -> GPTNeoX:
+    """Load a GPT-NeoX checkpoint in Hugging Face layout (or one that save_model wrote
+    quantized), optionally with a LoRA adapter.
 
-    source: a local directory (config.json + weights) or a Hub id such as "EleutherAI/pythia-70m".
+    source: a local directory (config.json + weights) or a Hub id such as "EleutherAI/pythia-70m";
+        or a LoRA adapter directory (adapter_config.json), which loads the base it names
+        (`base_model_name_or_path`) with the adapter.
     dtype: the parameters' dtype; None keeps the dtype stored in the file. For a quantized
         model, the dtype of what stays unquantized (embed_in, LayerNorms, biases) and of the
         activations.
@@ -196,12 +218,31 @@ def load_model(source, dtype: torch.dtype | None = None, device=None, use_kernel
         quantized as it is read, so the full-precision model is never in memory. A quantized
         checkpoint loads quantized as it was saved; asking it for another quantization is an error.
     group_size: int4's group size (default quantize.DEFAULT_GROUP_SIZE).
+    adapter: a LoRA adapter directory (ours or PEFT's) to apply to `source`. An adapter is
+        merged into the base weights (W + (alpha/r)·B·A, in fp32, then `dtype`), so the model
+        is a plain GPTNeoX that runs at the base's speed; with `quantize`, the merged weights
+        are quantized (the base is then whole in memory once, in `dtype`).
     Returns the model in eval mode. Raises FileNotFoundError / DownloadError when the source
     cannot be found, CheckpointError when a file is corrupt or does not fit the config (naming
-    the tensor, the file and both shapes) or is quantized in a format this version cannot
-    read, QuantizationError (a ValueError) for a quantize / group_size that cannot apply.
+    the tensor, the file and both shapes), is quantized in a format this version cannot read,
+    or when the adapter does not fit the base (naming both) or the base is stored quantized;
+    QuantizationError (a ValueError) for a quantize / group_size that cannot apply.
     """
     directory = resolve(source)
+    if adapter is None and os.path.isfile(os.path.join(directory, ADAPTER_CONFIG)):
+        adapter, directory = directory, resolve(adapter_base(directory))
+    if adapter is not None:
+        lora = read_adapter(resolve(adapter))
+        if quantize is not None:
+            Q.check_quantize(quantize, group_size or Q.DEFAULT_GROUP_SIZE)
+        model = load_model(directory, dtype=dtype, device=device, use_kernels=use_kernels)
+        if Q.quantization_of(model) is not None:
+            raise CheckpointError(f"The adapter {lora.directory} cannot be merged into {directory}: its weights are "
+                                  "stored quantized; use the full-precision base (and --quantize).")
+        merge_adapter(model, lora, base=directory)
+        if quantize is not None:
+            Q.quantize_model(model, quantize, group_size or Q.DEFAULT_GROUP_SIZE)
+        return model
     files = weight_files(directory)
     config = ModelConfig.from_hf(directory)
     stored = stored_quantization(files)
@@ -389,3 +430,154 @@ def _write_atomic(path: str, write) -> None:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
+
+
+# ------------------------------------------------------------ LoRA adapters
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's names, safetensors first
+# PEFT options that change what an adapter computes beyond W + (alpha/r)·B·A: refused, not ignored
+UNSUPPORTED_ADAPTER_OPTIONS = ("use_dora", "lora_bias", "modules_to_save", "alpha_pattern", "layer_replication",
+                               "fan_in_fan_out", "trainable_token_indices")
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter as read from disk: its adapter_config.json and its A and B matrices
+    under our parameter names (`<module>.lora_A.weight` (r, in), `<module>.lora_B.weight`
+    (out, r))."""
+
+    directory: str
+    config: dict
+    tensors: dict[str, torch.Tensor]
+
+    def modules(self) -> list[str]:
+        """The adapted modules, e.g. "layers.0.attention.query_key_value"."""
+        return [k.removesuffix(".lora_A.weight") for k in self.tensors if k.endswith(".lora_A.weight")]
+
+    def scaling(self, module: str) -> float:
+        """alpha / r of `module` (alpha / sqrt(r) with PEFT's use_rslora); r is read from the
+        tensor, which also covers PEFT's per-module `rank_pattern`."""
+        r = self.tensors[f"{module}.lora_A.weight"].shape[0]
+        return self.config["lora_alpha"] / (math.sqrt(r) if self.config.get("use_rslora") else r)
+
+
+def adapter_base(directory: str) -> str:
+    """The base model an adapter directory names (`base_model_name_or_path`). Raises
+    CheckpointError when it names none."""
+    config = _read_adapter_config(directory)
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise CheckpointError(f"{os.path.join(directory, ADAPTER_CONFIG)} names no base model "
+                              f"(base_model_name_or_path); pass the base and the adapter: load_model(base, adapter=...).")
+    return base
+
+
+def _read_adapter_config(directory: str) -> dict:
+    path = os.path.join(directory, ADAPTER_CONFIG)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{directory} is not a LoRA adapter: it has no {ADAPTER_CONFIG}.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}).") from None
+    if not isinstance(config, dict) or config.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{path} is not a LoRA adapter (peft_type {config.get('peft_type')!r}); "
+                              f"minidolly loads LoRA adapters only.")
+    for option in UNSUPPORTED_ADAPTER_OPTIONS:
+        if config.get(option):
+            raise CheckpointError(f"{path} sets {option}; minidolly loads plain LoRA adapters (W + alpha/r·B·A) only.")
+    if not (isinstance(config.get("lora_alpha"), (int, float)) and config["lora_alpha"] > 0):
+        raise CheckpointError(f"{path}: lora_alpha must be a positive number, got {config.get('lora_alpha')!r}.")
+    return config
+
+
+def read_adapter(directory: str) -> Adapter:
+    """Read a LoRA adapter directory saved by `save_adapter` or by PEFT (`save_pretrained`).
+    Raises FileNotFoundError without adapter_config.json or weights, CheckpointError for
+    anything but plain LoRA A/B matrices (naming the file and the tensor)."""
+    config = _read_adapter_config(directory)
+    paths = [os.path.join(directory, n) for n in ADAPTER_WEIGHTS if os.path.isfile(os.path.join(directory, n))]
+    if not paths:
+        raise FileNotFoundError(f"{directory} has {ADAPTER_CONFIG} but no {' or '.join(ADAPTER_WEIGHTS)}.")
+    tensors = {}
+    for key, tensor in read_weights(paths[0]).items():
+        name = our_key(key.removeprefix(PEFT_PREFIX))
+        if not key.startswith(PEFT_PREFIX) or not name.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise CheckpointError(f"{paths[0]} has tensor {key}, which is not a LoRA A or B matrix of a "
+                                  f"GPT-NeoX layer; minidolly loads plain LoRA adapters only.")
+        tensors[name] = tensor
+    for name in tensors:
+        twin = name.replace(".lora_A.", ".lora_B.") if ".lora_A." in name else name.replace(".lora_B.", ".lora_A.")
+        if twin not in tensors:
+            raise CheckpointError(f"{paths[0]} has {PEFT_PREFIX + hf_key(name)} but not {PEFT_PREFIX + hf_key(twin)}.")
+    return Adapter(directory, config, tensors)
+
+
+@torch.no_grad()
+def merge_adapter(model: GPTNeoX, adapter: Adapter, base: str) -> GPTNeoX:
+    """Fold `adapter` into `model`'s weights in place: W += scaling · B A (in fp32, stored in
+    W's dtype). `base` names the model in errors. Returns the model. Raises CheckpointError,
+    naming the adapter and the base, when a module it adapts is missing or has another shape."""
+    trained_on = adapter.config.get("base_model_name_or_path") or "an unnamed base"
+    for module_name in adapter.modules():
+        A, B = adapter.tensors[f"{module_name}.lora_A.weight"], adapter.tensors[f"{module_name}.lora_B.weight"]
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            module = None
+        if not isinstance(module, torch.nn.Linear):
+            raise CheckpointError(f"The adapter {adapter.directory} (trained on {trained_on}) does not fit the base "
+                                  f"model {base}: it adapts {hf_key(module_name)}, which is not a linear layer of it.")
+        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != module.in_features or B.shape[0] != module.out_features \
+                or A.shape[0] != B.shape[1]:
+            raise CheckpointError(
+                f"The adapter {adapter.directory} (trained on {trained_on}) does not fit the base model {base}: "
+                f"its {hf_key(module_name)} has A {tuple(A.shape)} and B {tuple(B.shape)}, but the base's layer maps "
+                f"{module.in_features} -> {module.out_features} features.")
+        weight = merged_weight(module.weight, A.to(module.weight.device), B.to(module.weight.device),
+                               adapter.scaling(module_name))
+        module.weight = torch.nn.Parameter(weight, requires_grad=module.weight.requires_grad)
+    return model
+
+
+def adapter_config(base: str, rank: int, alpha: float, dropout: float, targets: list[str]) -> dict:
+    """The adapter_config.json PEFT writes for a plain LoRA on a causal LM (the fields that
+    matter; PEFT fills the rest with its defaults)."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": rank,
+            "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "lora_dropout": dropout, "target_modules": list(targets), "bias": "none",
+            "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+            "inference_mode": True, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
+            "layers_to_transform": None, "layers_pattern": None, "revision": None}
+
+
+def save_adapter(directory: str, adapters: dict[str, torch.Tensor], config: dict) -> None:
+    """Write a PEFT adapter directory: `adapter_config.json` (`config`, from `adapter_config`)
+    and `adapter_model.safetensors` with `adapters` (our names, e.g. `layers.0.attention.
+    query_key_value.lora_A.weight`) under PEFT's keys. PEFT's `PeftModel.from_pretrained` and
+    `load_model` read it. Files are written to temporary names and renamed."""
+    os.makedirs(directory, exist_ok=True)
+    tensors = {peft_key(k): t.detach().to("cpu").contiguous() for k, t in adapters.items()}
+    _write_atomic(os.path.join(directory, ADAPTER_WEIGHTS[0]), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _write_atomic(os.path.join(directory, ADAPTER_CONFIG), lambda p: _dump_json(config, p))
+
+
+def fingerprint(directory: str, samples: int = 64, block: int = 2**20) -> str:
+    """A sha256 that identifies a checkpoint directory's weights, for refusing to resume a
+    LoRA run on another base: its config.json (as parsed) and, per weight file, its name,
+    size, and `samples` blocks of `block` bytes spread evenly over it (the first holds a
+    safetensors header: every tensor's name, dtype, shape and offsets). Reading ~64 MiB per
+    file instead of hashing 24 GB of a 12b checkpoint takes milliseconds; two trainings of the
+    same shape differ in every block, so they never share a fingerprint."""
+    h = hashlib.sha256()
+    h.update(json.dumps(ModelConfig.from_hf(directory).to_hf(), sort_keys=True).encode())
+    for path in weight_files(directory):
+        size = os.path.getsize(path)
+        h.update(f"{os.path.basename(path)}:{size}".encode())
+        starts = sorted({max(0, size - block) * i // max(1, samples - 1) for i in range(samples)})
+        with open(path, "rb") as f:
+            for start in starts:
+                f.seek(start)
+                h.update(f.read(block))
+    return h.hexdigest()

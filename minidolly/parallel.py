@@ -69,14 +69,16 @@ def init_distributed(timeout_minutes: float = 30, cpu_offload: bool = False) -> 
     return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
+def apply_activation_checkpointing(model: nn.Module, preserve_rng_state: bool = False) -> None:
     """Recompute each layer's activations in the backward pass instead of storing them:
     a layer then keeps only its input (B, T, C) alive between forward and backward, at the
-    price of one more forward per layer (~33% more compute)."""
+    price of one more forward per layer (~33% more compute). GPT-NeoX draws no random
+    numbers; a model that does (LoRA's dropout) needs `preserve_rng_state`, so that the
+    recomputation draws what the forward drew."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     for i, layer in enumerate(model.layers):
-        model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+        model.layers[i] = checkpoint_wrapper(layer, preserve_rng_state=preserve_rng_state)
 
 
 def apply_compile(model: nn.Module) -> None:

@@ -11,7 +11,8 @@ A checkpoint holds everything needed to continue a run exactly, on any number of
 another kind of device: model and optimizer shards, the LR schedule's position, the step, the
 data sampler's position, each rank's random generators, and `run`, a dict of plain values the
 loop records (the settings the run was made with). Only parameters that train are saved
-(`requires_grad`); frozen ones come from --init again.
+(`requires_grad`); frozen ones come from --init again (a LoRA run records its base's
+fingerprint in `run`, so a resume cannot pair its adapters with other weights).
 
 What keeps it safe (docs/training.md, "What is safe"):
 - A checkpoint appears under its name only when complete: every rank writes into
@@ -497,3 +498,4 @@ def load_checkpoint(path: str, model, optimizer, scheduler, sampler) -> int:
         raise ResumeError(f"--resume from {path}: {e}") from None
     set_rng_state(state.get(rng_key, {}))
     return int(state["train"]["step"])
+

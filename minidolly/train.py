@@ -45,7 +45,17 @@ import torch.nn.functional as F
 
 import kernels  # our Triton kernels; importing them is cheap (triton loads on first use)
 
-from .checkpoint import DownloadError, load_model, resolve, save_model
+from .checkpoint import (
+    ADAPTER_CONFIG,
+    DownloadError,
+    adapter_config,
+    fingerprint,
+    load_model,
+    looks_like_hub_id,
+    resolve,
+    save_adapter,
+    save_model,
+)
 from .config import ModelConfig, hub_id, size_key
 from .data import (
     IGNORE_INDEX,
@@ -60,6 +70,7 @@ from .data import (
     tokenize_records,
     train_val_split,
 )
+from .lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, lora_parameter_count, merge_state_dict, parse_targets
 from .memory import GiB, MemoryPlan, plan_memory
 from .metrics import MetricsLog, duration, peak_memory, plot_loss
 from .model import GPTNeoX
@@ -131,6 +142,11 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 compute on GPU, fp32 on CPU
     kernels: str = "auto"  # our Triton kernels: auto (on CUDA where they run), on, off
     skip_bad_records: bool = False
+    lora_rank: int = 0  # 0: full fine-tune; R >= 1: train LoRA adapters of rank R beside the frozen base
+    lora_alpha: float | None = None  # None: 2 x --lora-rank
+    lora_dropout: float | None = None  # None: 0.05
+    lora_targets: str | None = None  # None: query_key_value (PEFT's default for GPT-NeoX); all-linear; a comma list
+    merge: bool = False  # LoRA: also write final-merged/, the base with the adapters folded in
     resume: bool = False
     overwrite: bool = False  # replace the run already in --out
     dry_run: bool = False
@@ -175,6 +191,39 @@ class TrainConfig:
                 ModelConfig.from_size(self.size)
             except ValueError as e:
                 raise UsageError(f"--size: {e}") from None
+        self._validate_lora()
+
+    def _validate_lora(self) -> None:
+        """The LoRA flags: a rank >= 1 before any other, then each value's range."""
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise UsageError(f"--lora-rank must be an integer >= 1 (or 0 for a full fine-tune), got {self.lora_rank!r}.")
+        given = [f"--{_flag(n)}" for n in ("lora_alpha", "lora_dropout", "lora_targets") if getattr(self, n) is not None]
+        given += ["--merge"] if self.merge else []
+        if self.lora_rank == 0:
+            if given:
+                raise UsageError(f"{given[0]} applies to LoRA; pass --lora-rank R (R >= 1) with it, "
+                                 f"or drop it for a full fine-tune.")
+            return
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise UsageError(f"--lora-alpha must be a number > 0, got {self.lora_alpha!r}.")
+        if self.lora_dropout is not None and not 0 <= self.lora_dropout < 1:
+            raise UsageError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        try:
+            self.lora()
+        except ValueError as e:  # an unknown --lora-targets name
+            raise UsageError(str(e)) from None
+        if self.init == "scratch":
+            raise UsageError("--lora-rank adapts pretrained weights, and --init scratch has none; pass --init with "
+                             "a checkpoint (or drop --init for EleutherAI/pythia-<size>).")
+
+    def lora(self) -> LoRAConfig | None:
+        """The LoRA settings with their defaults filled in, or None for a full fine-tune."""
+        if not self.lora_rank:
+            return None
+        return LoRAConfig(rank=self.lora_rank,
+                          alpha=float(self.lora_alpha) if self.lora_alpha is not None else 2.0 * self.lora_rank,
+                          dropout=self.lora_dropout if self.lora_dropout is not None else 0.05,
+                          targets=tuple(parse_targets(self.lora_targets or ",".join(DEFAULT_TARGETS))))
 
 
 def _flag(name: str) -> str:
@@ -211,6 +260,9 @@ def resolve_sources(cfg: TrainConfig, *, offline: bool = False) -> Sources:
             raise UsageError(f"--init {init} is not a local directory; pass --size to plan without downloading it.")
         return Sources(preset, init, cfg.tokenizer or init, name)
     directory = resolve(init)
+    if os.path.isfile(os.path.join(directory, ADAPTER_CONFIG)):
+        raise UsageError(f"--init {init} is a LoRA adapter, not a model; start from its base, or from the model "
+                         f"with the adapter merged in (train.py --merge writes it to final-merged/).")
     config = ModelConfig.from_hf(directory)
     if preset is not None:
         shape = lambda c: (c.num_layers, c.hidden_size, c.num_heads)  # noqa: E731
@@ -234,9 +286,10 @@ def output_dir(cfg: TrainConfig) -> str:
 # The settings that define a run. A checkpoint records them, and --resume refuses to continue
 # it under others: its weights, optimizer state and data order were made with these. The data
 # is compared by content (its sha256), so a moved copy is the same data and a shuffled one is
-# not. LoRA's settings belong here too (a value that is not a flag, such as a base model's
-# identity, joins `run_record`'s `defines`).
-RUN_SETTINGS = ("size", "init", "data", "seed", "global_batch_size", "max_length", "val_size", "precision")
+# not. A LoRA run's checkpoints hold only its adapters, so its frozen base must be the same
+# weights again: `run_record` adds the base's fingerprint (`base_record`) to these.
+RUN_SETTINGS = ("size", "init", "data", "seed", "global_batch_size", "max_length", "val_size", "precision",
+                "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 
 # The settings that only steer the optimisation from here on: a resumed run applies the new
 # value and prints one line per change (the NaN advice "try a lower --lr" relies on it).
@@ -244,13 +297,19 @@ STEERING_SETTINGS = ("lr", "warmup_steps", "schedule", "weight_decay", "max_grad
                      "eval_every", "save_every", "log_every", "keep_checkpoints")
 
 
-def run_record(cfg: TrainConfig, data_sha256: str) -> dict:
-    """What a checkpoint records of the run: {"defines": RUN_SETTINGS, "steers":
-    STEERING_SETTINGS}, by name. The size is normalised ("pythia-70m" is "70m") and the data is
-    the file's sha256."""
+def run_record(cfg: TrainConfig, data_sha256: str, base: dict | None = None) -> dict:
+    """What a checkpoint records of the run: {"defines": RUN_SETTINGS and "base", "steers":
+    STEERING_SETTINGS, "base_name"}, by name. The size is normalised ("pythia-70m" is "70m"),
+    the data is the file's sha256, LoRA's settings are the values the run uses (an unset
+    --lora-alpha is 2 x rank), and "base" a LoRA run's base fingerprint (`base_record`; None
+    for a full fine-tune, whose checkpoints hold every weight)."""
     defines = {name: getattr(cfg, name) for name in RUN_SETTINGS}
-    defines |= {"size": size_key(cfg.size) if cfg.size else None, "data": data_sha256}
-    return {"defines": defines, "steers": {name: getattr(cfg, name) for name in STEERING_SETTINGS}}
+    defines |= {"size": size_key(cfg.size) if cfg.size else None, "data": data_sha256,
+                "base": base and base["base_fingerprint"]}
+    if lora := cfg.lora():
+        defines |= {"lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "lora_targets": ",".join(lora.targets)}
+    return {"defines": defines, "steers": {name: getattr(cfg, name) for name in STEERING_SETTINGS},
+            "base_name": base and base["base"]}
 
 
 def compare_runs(record: dict, saved: dict, path: str) -> list[str]:
@@ -259,14 +318,26 @@ def compare_runs(record: dict, saved: dict, path: str) -> list[str]:
     counts as its default); returns one line per steering setting that changed, e.g.
     "--lr 1e-05 (checkpoint: 0.001)"."""
     def shown(name, value):
-        return "(default)" if value is None else f"sha256 {value[:12]}..." if name == "data" else value
+        if value is None:
+            return "(default)"
+        if name == "data":
+            return f"sha256 {value[:12]}..."
+        if name == "lora_rank" and value == 0:
+            return "0 (a full fine-tune)"
+        return f"{value:g}" if isinstance(value, float) else value
+
+    def differs(name):
+        if name == "base":  # the same path may hold other weights, another path the same ones
+            return (f"--init {record.get('base_name')} has other weights than {saved.get('base_name')}, the base "
+                    f"the checkpoint's adapters were trained on")
+        return f"--{_flag(name)} {shown(name, new[name])} (checkpoint: {shown(name, old[name])})"
 
     if not saved:
         return []  # a checkpoint saved without a record (outside the loop): nothing to hold it to
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     old = {k: saved.get("defines", {}).get(k, defaults.get(k)) for k in record["defines"]}
     new = record["defines"]
-    differ = [f"--{_flag(k)} {shown(k, new[k])} (checkpoint: {shown(k, old[k])})" for k in new if old[k] != new[k]]
+    differ = [differs(k) for k in new if old[k] != new[k]]
     if differ:
         raise UsageError(f"--resume: this run's settings differ from those of the checkpoint {path}: "
                          f"{', '.join(differ)}; resume with the checkpoint's settings, or start afresh with "
@@ -297,13 +368,24 @@ def build_model(sources: Sources, cfg: TrainConfig, device: torch.device, comput
         starting weights are the same whatever the world size (4·P bytes of host RAM on rank 0).
     --kernels sets `GPTNeoX.use_kernels`. Raises UsageError (on every rank) when rank 0
     cannot read the checkpoint.
+
+    With LoRA (`cfg.lora()`), adapters go in right after the model is built, before the other
+    wrappers (torchtitan's order; minidolly/lora.py): every base parameter is frozen and, with
+    bf16 compute, held in bf16 (it is never updated, so an fp32 master copy would buy
+    nothing), while the adapters are fp32; FSDP shards both. Rank 0 draws the adapters'
+    initial values (PEFT's init, seeded by --seed) into the full state dict it broadcasts.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict  # DTensor: not at import
 
+    lora = cfg.lora()
     with torch.device("meta"):
         model = GPTNeoX(sources.config, use_kernels=KERNELS[cfg.kernels])
+    if lora:
+        model.to(compute_dtype or torch.float32)
+        apply_lora(model, lora.rank, lora.alpha, lora.dropout, list(lora.targets), dtype=torch.float32)
     if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
+        # LoRA's dropout draws random masks: the recomputed forward must draw the same ones
+        apply_activation_checkpointing(model, preserve_rng_state=bool(lora and lora.dropout > 0))
     if cfg.compile:
         apply_compile(model)
     if needs_fsdp(dist.get_world_size(), compute_dtype, cfg.cpu_offload):
@@ -317,7 +399,11 @@ def build_model(sources: Sources, cfg: TrainConfig, device: torch.device, comput
                 torch.manual_seed(cfg.seed)
                 full = GPTNeoX(sources.config).state_dict()
             else:
-                full = load_model(sources.init).state_dict()  # file dtype; each shard converts on copy
+                base = load_model(sources.init)  # file dtype; each shard converts on copy
+                if lora:
+                    torch.manual_seed(cfg.seed)
+                    apply_lora(base, lora.rank, lora.alpha, lora.dropout, list(lora.targets), dtype=torch.float32)
+                full = base.state_dict()
         except (ValueError, OSError) as e:
             error = str(e)
     error = _broadcast(error)
@@ -405,18 +491,51 @@ def evaluate(model, examples, micro_batch_size: int, pad_id: int, device) -> flo
     return (totals[0] / totals[1]).item()
 
 
-def save_final(directory: str, model, tokenizer, dtype: torch.dtype) -> None:
+def save_final(directory: str, model, tokenizer, dtype: torch.dtype, lora_scaling: float | None = None) -> None:
     """Gather the full weights onto rank 0 (one tensor at a time, into host memory: 4·P
-    bytes) and write them in `dtype` with the tokenizer in Hugging Face format."""
+    bytes) and write them in `dtype` with the tokenizer in Hugging Face format. A LoRA model
+    (`lora_scaling` = alpha / r) is written merged: each adapted weight + scaling · B A."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
+        if lora_scaling is not None:
+            merge_state_dict(full, lora_scaling)
         for k in full:  # in place: each fp32 tensor is freed as its copy is made
             full[k] = full[k].to(dtype)
         save_model(model, directory, state_dict=full)
         tokenizer.save(directory)
     dist.barrier()
+
+
+def save_lora_final(directory: str, model, tokenizer, config: dict) -> None:
+    """Gather the adapters onto rank 0 (frozen parameters stay where they are) and write
+    them as a PEFT adapter (`config`: its adapter_config.json) with the tokenizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    adapters = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                    ignore_frozen_params=True))
+    if dist.get_rank() == 0:
+        save_adapter(directory, adapters, config)
+        tokenizer.save(directory)
+    dist.barrier()
+
+
+def base_record(cfg: TrainConfig, sources: Sources) -> dict:
+    """The identity of a LoRA run's frozen base, which its checkpoints do not hold: the
+    --init it was given (a Hub id, or the directory's absolute path, which the adapter's
+    base_model_name_or_path also names) and the `fingerprint` of its files. Rank 0 reads
+    the files; every rank gets the same record."""
+    init = cfg.init or hub_id(cfg.size)
+    name = init if looks_like_hub_id(init) else os.path.abspath(os.path.expanduser(init))
+    return {"base": name, "base_fingerprint": _broadcast(fingerprint(sources.init) if dist.get_rank() == 0 else None)}
+
+
+def micro_batch_seed(seed: int, step: int, first_example: int) -> int:
+    """The random seed of one micro-batch's dropout: a function of --seed, the step and the
+    micro-batch's first example, so the masks do not depend on the world size (micro-batches
+    are the same on 1 or N ranks, only dealt out differently) nor on where a resume started."""
+    return ((seed * 1_000_003 + step) * 1_000_003 + first_example) % 2**63  # torch.manual_seed's range
 
 
 # ------------------------------------------------------------------------ setup
@@ -443,6 +562,8 @@ class Run:
     metrics: MetricsLog
     step: int = 0  # optimizer steps taken
     record: dict = dataclasses.field(default_factory=dict)  # `run_record`, saved with each checkpoint
+    lora: LoRAConfig | None = None  # a LoRA run's settings; None: full fine-tune
+    base: dict | None = None  # a LoRA run's frozen base (`base_record`): its name and fingerprint
 
 
 def dry_run(cfg: TrainConfig) -> MemoryPlan:
@@ -505,6 +626,13 @@ def _read_inputs(cfg: TrainConfig, env):
     return sources, tokenizer, train_set, val_set, sampler, data_stats | token_stats
 
 
+def _lora_banner(lora: LoRAConfig, config: ModelConfig, compute_dtype) -> str:
+    n = lora_parameter_count(config, lora.rank, list(lora.targets))
+    return (f"LoRA: rank {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g} on {', '.join(lora.targets)}: "
+            f"{n:,} trainable parameters ({100 * n / config.num_params():.2f}% of the model), "
+            f"base frozen in {'bf16' if compute_dtype else 'fp32'}")
+
+
 def setup(cfg: TrainConfig, env: Distributed) -> Run:
     """Everything before the first step, in the order that fails cheapest first: the options,
     --out and the resume policy (`resume_from`), the inputs, the checkpoint's settings against
@@ -521,11 +649,13 @@ def setup(cfg: TrainConfig, env: Distributed) -> Run:
     _warn(env, *notes)
     sources, tokenizer, train_set, val_set, sampler, stats = _read_inputs(cfg, env)
     _warn(env, *stats["warnings"])
+    lora = cfg.lora()
+    base = base_record(cfg, sources) if lora else None  # a LoRA checkpoint holds no base: it must be the same
 
     total_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
     if cfg.warmup_steps is None:
         cfg = dataclasses.replace(cfg, warmup_steps=default_warmup(total_steps))
-    record, saved, changes = run_record(cfg, stats["sha256"]), {}, []
+    record, saved, changes = run_record(cfg, stats["sha256"], base), {}, []
     if resume_path:
         try:
             saved = read_run(resume_path)
@@ -538,6 +668,8 @@ def setup(cfg: TrainConfig, env: Distributed) -> Run:
         _say(env, str(plan))
         raise UsageError(f"This run does not fit in memory (plan above); try --activation-checkpointing, a smaller "
                          f"--micro-batch-size or --max-length, more ranks{', or --cpu-offload' if env.device.type == 'cuda' else ''}.")
+    if plan.activation_checkpointing and not cfg.activation_checkpointing:  # a LoRA plan turned it on
+        cfg = dataclasses.replace(cfg, activation_checkpointing=True)
     _say(env,
          f"model: {sources.init if sources.init == 'scratch' else 'from ' + sources.init} "
          f"({sources.config.num_params() / 1e6:.1f}M parameters), tokenizer {sources.tokenizer}",
@@ -549,14 +681,19 @@ def setup(cfg: TrainConfig, env: Distributed) -> Run:
          f"{cfg.global_batch_size} = {accumulation} micro-batches of {cfg.micro_batch_size} x {env.world_size} "
          f"rank(s); {total_steps} steps ({sampler.steps_per_epoch} per epoch), {cfg.warmup_steps} of warm-up",
          f"memory: {plan.total('device') / GiB:.2f} GiB per rank planned on {plan.device_name}; {plan.note or 'no accumulation'}",
+         *([_lora_banner(lora, sources.config, compute_dtype)] if lora else []),
          f"output: {out}{' (replacing the run there: --overwrite)' if cfg.overwrite else ''}")
 
     model = build_model(sources, cfg, env.device, compute_dtype)
+    if lora:
+        held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters()
+                   if not p.requires_grad)  # FSDP shards the frozen base too
+        _say(env, f"LoRA: rank 0 holds {held:,} of the base's {sources.config.num_params():,} frozen parameters")
     optimizer, scheduler = build_optimizer(model, cfg, total_steps)
     run = Run(cfg=cfg, env=env, sources=sources, tokenizer=tokenizer, train_set=train_set, val_set=val_set,
               sampler=sampler, plan=plan, out=out, model=model, optimizer=optimizer, scheduler=scheduler,
               compute_dtype=compute_dtype, total_steps=total_steps,
-              metrics=MetricsLog(os.path.join(out, "metrics.jsonl"), env.is_main), record=record)
+              metrics=MetricsLog(os.path.join(out, "metrics.jsonl"), env.is_main), record=record, lora=lora, base=base)
     if resume_path:
         try:
             run.step = load_checkpoint(resume_path, model, optimizer, scheduler, sampler)
@@ -605,6 +742,8 @@ def train_step(run: Run, batch: Step) -> StepResult:
     n_targets = count_targets([run.train_set[i] for i in batch.global_indices])
     total = torch.zeros((), dtype=torch.float64, device=device)
     for j, indices in enumerate(batch.micro_batches):
+        if run.lora and run.lora.dropout > 0:
+            torch.manual_seed(micro_batch_seed(run.cfg.seed, run.step, indices[0]))
         if hasattr(model, "set_requires_gradient_sync"):  # an FSDP module
             model.set_requires_gradient_sync(j == len(batch.micro_batches) - 1 or not run.plan.skip_sync)
         micro = loss_sum(model, collate([run.train_set[i] for i in indices], run.tokenizer.pad_id), device) / n_targets
@@ -671,14 +810,29 @@ def after_step(run: Run, batch: Step, result: StepResult, seconds: float, eta: f
 
 def finish(run: Run, last: StepResult | None) -> dict:
     """The last evaluation, final/ in Hugging Face format (in the compute dtype) and
-    loss.png. Returns the summary `train` returns."""
+    loss.png. Returns the summary `train` returns.
+
+    A LoRA run's final/ is a PEFT adapter (adapter_config.json, adapter_model.safetensors, the
+    tokenizer) over its --init base, and --merge adds final-merged/, the base with the
+    adapters folded in, in Hugging Face format."""
     val_loss = _evaluate(run)
     final = os.path.join(run.out, "final")
-    save_final(final, run.model, run.tokenizer, run.compute_dtype or torch.float32)
-    _say(run.env, f"saved {final} (Hugging Face format)")
+    summary = {"steps": run.step, "loss": last.loss if last else float("nan"), "val_loss": val_loss, "final": final}
+    if run.lora:
+        lora = run.lora
+        save_lora_final(final, run.model, run.tokenizer,
+                        adapter_config(run.base["base"], lora.rank, lora.alpha, lora.dropout, list(lora.targets)))
+        _say(run.env, f"saved {final} (PEFT LoRA adapter over {run.base['base']})")
+        if run.cfg.merge:
+            summary["merged"] = os.path.join(run.out, "final-merged")
+            save_final(summary["merged"], run.model, run.tokenizer, run.compute_dtype or torch.float32, lora.scaling)
+            _say(run.env, f"saved {summary['merged']} (Hugging Face format, adapters merged)")
+    else:
+        save_final(final, run.model, run.tokenizer, run.compute_dtype or torch.float32)
+        _say(run.env, f"saved {final} (Hugging Face format)")
     if run.env.is_main and not plot_loss(run.metrics.path, os.path.join(run.out, "loss.png")):
         print("note: matplotlib is not installed, so no loss.png (pip install matplotlib)", flush=True)
-    return {"steps": run.step, "loss": last.loss if last else float("nan"), "val_loss": val_loss, "final": final}
+    return summary
 
 
 def train(cfg: TrainConfig) -> dict:

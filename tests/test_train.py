@@ -325,7 +325,7 @@ def test_help_shows_the_defaults(capsys):
 def _readme_train_commands():
     """The `python train.py ...` commands of the README, as argument lists."""
     commands = []
-    for line in (REPO / "README.md").read_text().splitlines():
+    for line in (REPO / "README.md").read_text().replace("\\\n", " ").splitlines():  # continuation lines joined
         for part in line.split("&&"):
             part = part.split("#")[0].strip()
             if part.startswith("python train.py"):
@@ -355,10 +355,12 @@ def test_the_readme_run_is_not_all_warm_up():
     # The README's 50-step run spent all 50 steps in the default 50-step warm-up.
     from minidolly.train import default_warmup
 
-    (run,) = [c for c in _readme_train_commands() if "--max-steps" in c]
-    cfg = cli.parse_args(run)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(cfg.max_steps)
-    assert warmup <= cfg.max_steps // 5, (warmup, cfg.max_steps)
+    runs = [c for c in _readme_train_commands() if "--max-steps" in c]
+    assert len(runs) == 2  # the main command and the LoRA one
+    for run in runs:
+        cfg = cli.parse_args(run)
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(cfg.max_steps)
+        assert warmup <= cfg.max_steps // 5, (run, warmup, cfg.max_steps)
     assert default_warmup(50) == 5 and default_warmup(5000) == 50  # Dolly's 50 for a real run
 
 
