@@ -160,7 +160,28 @@ def run_minidolly(job) -> dict:
     out["warmup_s"] = time.perf_counter() - start
     timed(4)
     out["steps"], out["prefill_s"] = timed(job["new_tokens"])
+    if job.get("profile"):
+        out["profile"] = profile_steps(lambda: timed(17), 16)
     return out
+
+
+MATMULS = ("mm", "linear", "qlinear", "int4pack", "int8pack")  # op names of the weight products
+
+
+def profile_steps(run, steps: int) -> str:
+    """torch.profiler over `run` (`steps` decode steps and one prefill): the ops by self time
+    per step, and the weight products' share of the total."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        run()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul = sum(e.self_cpu_time_total for e in events if any(k in e.key for k in MATMULS))
+    lines = [f"  weight products {matmul / total:.0%} of {total / steps / 1e3:.1f} ms/step profiled; top ops:"]
+    for e in events[:12]:
+        lines.append(f"    {e.key[:58]:<58}{e.self_cpu_time_total / steps / 1e3:>7.2f} ms/step{e.count / steps:>7.0f} calls/step")
+    return "\n".join(lines)
 
 
 def run_transformers(job) -> dict:
@@ -367,6 +388,7 @@ def summarize(results: list[dict]) -> dict:
         return {"error": results[-1]["error"]}
     return dict(rate=median([1 / median(r["steps"]) for r in ok]), prefill=median([r["prefill_s"] for r in ok]),
                 peak=max(r["peak_bytes"] for r in ok), anon=max(r.get("anon_bytes", 0) for r in ok),
+                profile=next((r["profile"] for r in ok if "profile" in r), None),
                 weight_bytes=ok[0].get("weight_bytes"),
                 warmup=median([r.get("warmup_s", 0) for r in ok]), runs=len(ok))
 
@@ -448,6 +470,8 @@ def main():
     p.add_argument("--compiled-only", action="store_true", help="leave out the eager rows of those widths")
     p.add_argument("--no-compile", action="store_true", help="no compile=True rows")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile 16 decode steps of every minidolly row (torch.profiler) and print where the time goes")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                    help="threads of every engine (default: half the cores, llama-cpp-python's default)")
@@ -514,7 +538,8 @@ def main():
             for repeat in range(args.repeats):
                 for r in rows:
                     job = dict(r, device=args.device, threads=args.threads, checkpoint=work, prompt=prompt,
-                               new_tokens=args.new_tokens, gguf=files.get(r["width"]), one_by_one=one_by_one.get(r["width"], False))
+                               new_tokens=args.new_tokens, gguf=files.get(r["width"]), one_by_one=one_by_one.get(r["width"], False),
+                               profile=args.profile and repeat == 0)
                     res = run_row(job, args.row_timeout)
                     if r["engine"] == "llama.cpp" and res.get("crashed") and not job["one_by_one"]:
                         # llama.cpp's repacked buffers have crashed on multi-token evaluation on some CPUs
@@ -534,6 +559,10 @@ def main():
             if any(one_by_one.values()):
                 print(f"(llama.cpp {', '.join(w for w, v in one_by_one.items() if v)}: prompt fed one token at a time, "
                       f"so their prefill is not comparable)")
+            for r in rows:
+                if stats[row_name(r)].get("profile"):
+                    print(f"profile of {size} {row_name(r)} (the profiler slows the small ops down):\n"
+                          + stats[row_name(r)]["profile"])
             targets = check_targets(size, rows, stats, args.device, probe.gbs())
             all_targets += targets
             for t in targets:

@@ -13,19 +13,24 @@ long as the kernel unpacks them no slower than memory delivers them.
            w ≈ (q - 8) * scale[n, g] + zero[n, g], q in [0, 15]
 
 Only the weight matrices of the linear layers (the four of every block and embed_out) are
-quantized (an int4 model keeps embed_out in int8: layer_mode). Activations stay in the model's dtype (fp32, bf16 or fp16) between the layers;
-the int8/int4 kernels take them in bf16 (cast at the kernel, and the result cast back) and
-accumulate in fp32. What stays in full precision, and why:
+quantized (an int4 model keeps embed_out in int8: layer_mode). Activations stay in the model's
+dtype (fp32 by default on CPU, or bf16) between the layers; what each kernel does with them is
+below. What stays in full precision, and why:
     embed_in    a decode step reads one row of it per token, so its bytes cost memory, never
                 time; and generation takes the activation dtype and device from it.
     LayerNorms, biases   O(hidden) numbers per layer: nothing to save, and the LayerNorm gain
                 sets the scale of everything after it.
 
-The kernels are PyTorch's own, chosen per device by measurement (bench/quant_kernels.py,
-docs/generation.md):
-    CPU   int8: torch._weight_int8pack_mm; int4: torch._weight_int4pack_mm_for_cpu on weights
-          repacked once by torch._convert_weight_to_int4pack_for_cpu (a layout of the CPU's
-          vector width). Both with bf16 activations: with fp32 or fp16 they are 10-50x slower.
+The kernels are PyTorch's own, chosen per device and CPU by measurement (bench/quant_kernels.py,
+bench/generate.py, docs/generation.md):
+    CPU   int8, where the CPU has int8 dot products (AVX512-VNNI, AVX-VNNI, AMX-INT8): oneDNN's
+          int8 GEMM (torch.ops.onednn.qlinear_pointwise, the kernel of torch's x86 quantization
+          backend) on the activations written as two int8 digits (int8_digits), fp32 out;
+          elsewhere torch._weight_int8pack_mm with bf16 activations.
+          int4: torch._weight_int4pack_mm_for_cpu on weights repacked once by
+          torch._convert_weight_to_int4pack_for_cpu (a layout of the CPU's vector width), with
+          bf16 activations (cast at the kernel, the result cast back): with fp32 or fp16 it is
+          50x slower.
     CUDA  int8: w.to(x.dtype) then F.linear, times the scales (torch.compile fuses the three,
           as gpt-fast does); int4: torch._weight_int4pack_mm (tinygemm) on weights repacked by
           torch._convert_weight_to_int4pack.
@@ -274,7 +279,8 @@ class Int8Linear(nn.Module):
         shape, x2 = x.shape, x.reshape(-1, self.in_features)  # (M, K)
         if self.onednn:
             digits, s = int8_digits(x2)  # (2M, K) uint8, (M, 1)
-            y2 = onednn_int8_linear(digits, self.weight, self.weight_scale, self.weight_zero)  # (2M, N) fp32
+            gemm = onednn_int8_linear if torch.compiler.is_compiling() else int8_gemm  # eager: no custom-op dispatch
+            y2 = gemm(digits, self.weight, self.weight_scale, self.weight_zero)  # (2M, N) fp32
             M = x2.shape[0]
             y = torch.add(y2[:M], y2[M:], alpha=1 / 254)  # the digits' products, summed
             y = (y * s if self.bias is None else torch.addcmul(self.bias, y, s)).to(x.dtype)
@@ -342,13 +348,18 @@ def int8_digits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat((d1, d2)).add_(128).to(torch.uint8), s
 
 
-@torch.library.custom_op("minidolly::onednn_int8_linear", mutates_args=())
-def onednn_int8_linear(digits: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+def int8_gemm(digits: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """(digits - 128) @ q.T * scale in fp32: oneDNN's int8 GEMM with a weight it prepacked
-    (torch.ops.onednn.qlinear_prepack). An op of our own, as onednn_linear below, so that
-    torch.compile calls it as it is (its lowering expects weights inductor packed itself)."""
+    (torch.ops.onednn.qlinear_prepack, whose zero points `zero` are all 0)."""
     return torch.ops.onednn.qlinear_pointwise(digits, 1.0, 128, weight, scale, zero, None, 1.0, 0, torch.float32,
                                               "none", [], "")
+
+
+@torch.library.custom_op("minidolly::onednn_int8_linear", mutates_args=())
+def onednn_int8_linear(digits: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """int8_gemm as an op of our own, as onednn_linear below, so that torch.compile calls it as
+    it is (its lowering of the oneDNN op expects weights inductor packed itself)."""
+    return int8_gemm(digits, weight, scale, zero)
 
 
 @onednn_int8_linear.register_fake
@@ -455,7 +466,10 @@ class OneDNNLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x):
-        return onednn_linear(x, self.weight, self.bias, self.out_features)
+        if torch.compiler.is_compiling():
+            return onednn_linear(x, self.weight, self.bias, self.out_features)
+        # eager: the op itself, without the custom op's dispatch (~8 us a call, 3 % of a step)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.weight.to_dense()
