@@ -15,6 +15,10 @@ f32 written by save_gguf (its row checks the two implementations agree), q8_0 an
 from that f32 file by llama.cpp's own quantizer (llama_model_quantize, default settings, as
 users make them: q4_0 keeps `output` in q6_K), and save_gguf's own q8_0 / q4_0.
 "bits" is bits per weight of the block matrices (scales and zeros included).
+Rows marked * are numerics only: weight-only 16-bit linears in an fp32 model (F.linear on fp32
+copies of the 16-bit weights, with the roundings of the input and output a kernel would make),
+for which torch has no fast CPU kernel (docs/generation.md, "The 16-bit quality gap"); they say
+where whole-model bf16 loses its accuracy.
 
 The checkpoint matters: random weights give nearly flat distributions, on which any error
 looks small and top-1 is a coin toss. Train one on the records first (a few minutes on CPU):
@@ -54,6 +58,29 @@ def kl_top1(ref_logp: torch.Tensor, logits: torch.Tensor) -> tuple[float, float,
 @torch.inference_mode()
 def ours_logits(model, ids: list[int]) -> torch.Tensor:
     return model(torch.tensor([ids]))[0].float()
+
+
+class WeightOnly16(torch.nn.Module):
+    """A linear with `dtype` weights in an fp32 model: its input rounded to `io`, its output
+    to `io` too unless out_fp32 (numerics only, see the docstring's rows marked *)."""
+
+    def __init__(self, linear, dtype, io, out_fp32=False):
+        super().__init__()
+        self.weight = linear.weight.detach().to(dtype).float()  # the 16-bit values, held in fp32
+        self.bias, self.io, self.out_fp32 = linear.bias, io, out_fp32
+
+    def forward(self, x):
+        y = torch.nn.functional.linear(x.to(self.io).float(), self.weight)
+        y = y if self.out_fp32 else y.to(self.io).float()
+        return y if self.bias is None else y + self.bias
+
+
+def weight_only_16(model, dtype, io, logits_fp32):
+    """`model` (fp32) with every linear a WeightOnly16; embed_out's output in fp32 if logits_fp32."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, torch.nn.Linear):
+            model.set_submodule(name, WeightOnly16(m, dtype, io, logits_fp32 and name == "embed_out"))
+    return model
 
 
 def llama_logits(path: str, n_ctx: int):
@@ -107,6 +134,12 @@ def main():
     for dtype in (torch.bfloat16, torch.float16):  # the whole model in 16 bits, as --dtype runs it
         m = load_model(args.model, dtype=dtype)
         rows.append((f"ours {str(dtype)[6:]}", 16, lambda ids, m=m: ours_logits(m, ids)))
+    for name, dtype, io, logits_fp32 in (("bf16 weights, bf16 in/out*", torch.bfloat16, torch.bfloat16, False),
+                                         ("bf16 weights, fp32 in/out*", torch.bfloat16, torch.float32, True),
+                                         ("fp16 weights, fp16 in/out*", torch.float16, torch.float16, False),
+                                         ("fp16 w, fp16 in/out, fp32 logits*", torch.float16, torch.float16, True)):
+        m = weight_only_16(load_model(args.model, dtype=torch.float32), dtype, io, logits_fp32)
+        rows.append((name, 16, lambda ids, m=m: ours_logits(m, ids)))
     int8 = load_model(args.model, quantize="int8")
     rows.append(("ours int8 (per channel)", 8 + 16 / C, lambda ids: ours_logits(int8, ids)))
     for g in args.group_sizes:
@@ -133,13 +166,13 @@ def main():
     print(f"CPU: {cpu_description()}; torch {torch.__version__}")
     print(f"{args.model}: {len(texts)} held-out dolly examples, {positions} positions; "
           f"full-precision reference: minidolly fp32; mean top-1 probability {np.mean([r.exp().max(-1).values.mean().item() for r in refs]):.2f}")
-    print(f"{'weights':<32}{'bits':>6}{'KL (nats)':>12}{'top-1':>8}")
+    print(f"{'weights':<34}{'bits':>6}{'KL (nats)':>12}{'top-1':>8}")
     for name, bits, run in rows:
         kl = top1 = n = 0
         for ids, ref in zip(texts, refs):
             a, b, c = kl_top1(ref, run(ids))
             kl, top1, n = kl + a, top1 + b, n + c
-        print(f"{name:<32}{bits:>6.2f}{kl / n:>12.2e}{top1 / n:>8.1%}", flush=True)
+        print(f"{name:<34}{bits:>6.2f}{kl / n:>12.2e}{top1 / n:>8.1%}", flush=True)
     tmp.cleanup()
 
 

@@ -16,7 +16,9 @@ bandwidth probe (fp32, a 256 MiB matrix) measured in the same run. Kernels
 
     fp32 / bf16 / fp16 linear   F.linear in that dtype (MKL, oneDNN, or torch's own GEMV)
     bf16 linear, no oneDNN      F.linear in bf16 with oneDNN switched off: torch's own GEMV
-    bf16 onednn packed          the weight reordered once into oneDNN's blocked layout
+    fp32 / bf16 onednn packed   the weight reordered once into oneDNN's blocked layout
+    int8 onednn digits          oneDNN's int8 GEMM (VNNI) on the prepacked int8 weight, the fp32
+                                activations as two int8 digits per row (minidolly's Int8Linear)
     int8 pack_mm                torch._weight_int8pack_mm: int8 weight, one scale per row
     int8 dequant                w.to(x.dtype), F.linear, times the scales (eager)
     int8 compiled               the same three ops through torch.compile (inductor C++)
@@ -67,12 +69,15 @@ def candidates(W: torch.Tensor, compile: bool, group_sizes: list[int]) -> dict:
         "fp16 linear": ((W.to(FP16),), F.linear, FP16, 2 * N * K),
     }
     out["bf16 linear, no oneDNN"] = ((W.to(BF16),), linear_without_onednn, BF16, 2 * N * K)
+    onednn = lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")  # noqa: E731
+    if torch.backends.mkldnn.is_available():
+        out["fp32 onednn packed"] = ((torch.ops.mkldnn._reorder_linear_weight(W, 1),), onednn, FP32, 4 * N * K)
     if Q.onednn_bf16_supported():
-        out["bf16 onednn packed"] = ((torch.ops.mkldnn._reorder_linear_weight(W.to(BF16), 1),),
-                                     lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
-                                     BF16, 2 * N * K)
+        out["bf16 onednn packed"] = ((torch.ops.mkldnn._reorder_linear_weight(W.to(BF16), 1),), onednn, BF16, 2 * N * K)
 
     q8, s8 = Q.quantize_int8(W)
+    if Q.onednn_int8_native():
+        out["int8 onednn digits/f32"] = ((Q.Int8Linear(q8, s8, None, onednn=True),), lambda x, m: m(x), FP32, N * K)
     for act in (FP32, BF16, FP16):
         out[f"int8 pack_mm/{SHORT[act]}"] = ((q8, s8.to(act)), torch._weight_int8pack_mm, act, N * K)
     dequant8 = lambda x, q, s: F.linear(x, q.to(x.dtype)) * s  # noqa: E731
@@ -134,15 +139,22 @@ def torchao_candidates(W) -> dict:
 def copies(weights: tuple, nbytes: int, pool_bytes: int) -> list[tuple]:
     """Enough copies of `weights` to fill `pool_bytes` (at least two)."""
     n = max(2, -(-pool_bytes // nbytes))
-    return [weights] + [tuple(copy.deepcopy(w) if isinstance(w, torch.nn.Module) else w.clone() for w in weights)
-                        for _ in range(n - 1)]
+    return [weights] + [tuple(clone(w) for w in weights) for _ in range(n - 1)]
+
+
+def clone(w):
+    """A copy of a weight tensor or module (Int8Linear's oneDNN weight is opaque: rebuilt from its canonical form)."""
+    if isinstance(w, Q.Int8Linear):
+        return Q.Int8Linear(*w.canonical(), w.bias, onednn=w.onednn)
+    return copy.deepcopy(w) if isinstance(w, torch.nn.Module) else w.clone()
 
 
 def time_all(calls: dict[str, list], repeats: int) -> dict[str, float]:
     """Median seconds of each kernel; calls[k] is a list of zero-argument functions (one per
     weight copy) called in turn, the kernels interleaved call by call."""
-    for fs in calls.values():  # warm up: first calls allocate, compile, pack
-        fs[0](), fs[-1]()
+    for fs in calls.values():  # warm up every copy: first calls allocate, compile, pack (oneDNN's
+        for f in fs:             # int8 GEMM also prepares each weight at its first call), as a
+            f()                  # decode step's modules are warm after the first token
     times = {k: [] for k in calls}
     for r in range(repeats):
         for k, fs in calls.items():

@@ -85,6 +85,11 @@ class Attention(nn.Module):
             k, v = kv_cache.update(k, v)  # (B, H, S, D): a decode step reads the whole cache
         if fused and mask is None and T > 1:
             y = kernels.flash_attention(q, k, v, causal=True)  # kernels/attention.py
+        elif mask is not None and q.dtype != torch.float32 and q.device.type == "cpu":
+            # A decode step on CPU in 16 bits: torch's CPU attention kernel takes 4-8x longer
+            # for one query over the cache in bf16 than in fp32 (310 vs 46 us a layer at 410m,
+            # docs/generation.md), so it runs on fp32 copies; the same result to bf16 rounding.
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
         else:
             # mask None: plain causal (or one new query, which may see every cached key)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)

@@ -13,19 +13,24 @@ long as the kernel unpacks them no slower than memory delivers them.
            w ≈ (q - 8) * scale[n, g] + zero[n, g], q in [0, 15]
 
 Only the weight matrices of the linear layers (the four of every block and embed_out) are
-quantized (an int4 model keeps embed_out in int8: layer_mode). Activations stay in the model's dtype (fp32, bf16 or fp16) between the layers;
-the int8/int4 kernels take them in bf16 (cast at the kernel, and the result cast back) and
-accumulate in fp32. What stays in full precision, and why:
+quantized (an int4 model keeps embed_out in int8: layer_mode). Activations stay in the model's
+dtype (fp32 by default on CPU, or bf16) between the layers; what each kernel does with them is
+below. What stays in full precision, and why:
     embed_in    a decode step reads one row of it per token, so its bytes cost memory, never
                 time; and generation takes the activation dtype and device from it.
     LayerNorms, biases   O(hidden) numbers per layer: nothing to save, and the LayerNorm gain
                 sets the scale of everything after it.
 
-The kernels are PyTorch's own, chosen per device by measurement (bench/quant_kernels.py,
-docs/generation.md):
-    CPU   int8: torch._weight_int8pack_mm; int4: torch._weight_int4pack_mm_for_cpu on weights
-          repacked once by torch._convert_weight_to_int4pack_for_cpu (a layout of the CPU's
-          vector width). Both with bf16 activations: with fp32 or fp16 they are 10-50x slower.
+The kernels are PyTorch's own, chosen per device and CPU by measurement (bench/quant_kernels.py,
+bench/generate.py, docs/generation.md):
+    CPU   int8, where the CPU has int8 dot products (AVX512-VNNI, AVX-VNNI, AMX-INT8): oneDNN's
+          int8 GEMM (torch.ops.onednn.qlinear_pointwise, the kernel of torch's x86 quantization
+          backend) on the activations written as two int8 digits (int8_digits), fp32 out;
+          elsewhere torch._weight_int8pack_mm with bf16 activations.
+          int4: torch._weight_int4pack_mm_for_cpu on weights repacked once by
+          torch._convert_weight_to_int4pack_for_cpu (a layout of the CPU's vector width), with
+          bf16 activations (cast at the kernel, the result cast back): with fp32 or fp16 it is
+          50x slower.
     CUDA  int8: w.to(x.dtype) then F.linear, times the scales (torch.compile fuses the three,
           as gpt-fast does); int4: torch._weight_int4pack_mm (tinygemm) on weights repacked by
           torch._convert_weight_to_int4pack.
@@ -192,7 +197,7 @@ def cpu_description() -> str:
     import platform
 
     name, flags = _cpuinfo()
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "amx_fp16")
+    wanted = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "amx_fp16")
     have = " ".join(f for f in wanted if f in flags) or "flags unknown"
     return (f"{name or platform.processor() or platform.machine()}; {have}; "
             f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}")
@@ -209,6 +214,14 @@ def onednn_bf16_native() -> bool:
     return onednn_bf16_supported() and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+def onednn_int8_native() -> bool:
+    """Whether the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8), on
+    which oneDNN's int8 GEMM streams weights at memory speed. Without them it falls back to
+    instructions that saturate 16-bit sums of the uint8 x int8 products, which the int8
+    digits of Int8Linear would hit, so such CPUs keep torch's bf16 kernel."""
+    return torch.backends.mkldnn.is_available() and bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
+
+
 def onednn_fp16_native() -> bool:
     """Whether oneDNN runs fp16 matmuls in hardware here (AVX512-FP16 or AMX-FP16)."""
     return (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
@@ -223,23 +236,56 @@ def onednn_fp16_native() -> bool:
 class Int8Linear(nn.Module):
     """nn.Linear with an int8 weight and one scale per output row: y = (x @ q.T) * scale + bias.
 
-    `exact_top_k` (embed_out's, see quantize_model): torch's CPU kernel rounds its output to
-    bf16, 8 significant bits. For the logits that rounding is the largest error int8 adds
-    (half the KL divergence from full precision, bench/quality.py) and it flips near-ties for
-    the top token, so with fp32 activations the k largest outputs of each row are computed
-    again in fp32 from the same int8 rows: k rows of K bytes, nothing next to the N rows read."""
+    Two kernels, chosen where the module is built (bench/quant_kernels.py measured them):
+      - CPUs with int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8): oneDNN's
+        int8 GEMM (torch.ops.onednn.qlinear_pointwise, the op of torch's own x86 quantization
+        backend) on a weight it reordered once. It multiplies int8 by int8, so the activations
+        are written as two int8 digits, x ≈ s (d1 + d2 / 254) per row (`int8_digits`): one GEMM
+        with two rows per token reads the weight once and gives the product to ~16 bits,
+        summed in int32, scaled in fp32, output in fp32. 1.3-1.9x faster than the bf16 kernel
+        below and ~20x more accurate (no bf16 rounding of the input or the output).
+      - elsewhere: torch._weight_int8pack_mm (CPU, bf16 activations; its output is rounded to
+        bf16, so embed_out recomputes its `exact_top_k` largest logits in fp32 from the same
+        int8 rows, see _exact_top), or on CUDA w.to(x.dtype), F.linear and the scales, which
+        torch.compile fuses into one GEMV as gpt-fast does.
+    `weight` is in the kernel's layout (oneDNN's is opaque); the state_dict holds the canonical
+    (q (N, K) int8, scale (N,) bf16) either way."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, exact_top_k: int = 0):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, exact_top_k: int = 0,
+                 onednn: bool | None = None):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.exact_top_k = exact_top_k
-        self.register_buffer("weight", q)  # (N, K) int8
-        self.register_buffer("weight_scale", scale.to(torch.bfloat16))  # (N,), bf16 as the kernels take it
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.onednn = q.device.type == "cpu" and onednn_int8_native() if onednn is None else onednn  # None: by the CPU
+        self._pack(q, scale)
+
+    def _pack(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        """Canonical (q, scale) into the buffers of this module's kernel."""
+        if self.onednn:
+            self.register_buffer("weight", torch.ops.onednn.qlinear_prepack(q.contiguous(), None))  # opaque (K, N)
+            self.register_buffer("weight_scale", scale.float())  # oneDNN scales in fp32 (exact: bf16 in fp32)
+            self.register_buffer("weight_zero", torch.zeros(self.out_features, dtype=torch.long), persistent=False)
+        else:
+            self.register_buffer("weight", q)  # (N, K) int8
+            self.register_buffer("weight_scale", scale.to(torch.bfloat16))  # (N,), bf16 as the kernels take it
+
+    def canonical(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q (N, K) int8, scale (N,) bf16): the device-independent form."""
+        q = self.weight.to_dense().t().contiguous() if self.onednn else self.weight
+        return q, self.weight_scale.to(torch.bfloat16)
 
     def forward(self, x):
-        shape, x2 = x.shape, x.reshape(-1, self.in_features)  # (B*T, K)
-        if self.weight.is_cuda:  # a GEMV with the cast fused in under torch.compile (gpt-fast's int8)
+        shape, x2 = x.shape, x.reshape(-1, self.in_features)  # (M, K)
+        if self.onednn:
+            digits, s = int8_digits(x2)  # (2M, K) uint8, (M, 1)
+            gemm = onednn_int8_linear if torch.compiler.is_compiling() else int8_gemm  # eager: no custom-op dispatch
+            y2 = gemm(digits, self.weight, self.weight_scale, self.weight_zero)  # (2M, N) fp32
+            M = x2.shape[0]
+            y = torch.add(y2[:M], y2[M:], alpha=1 / 254)  # the digits' products, summed
+            y = (y * s if self.bias is None else torch.addcmul(self.bias, y, s)).to(x.dtype)
+            return y.view(*shape[:-1], self.out_features)
+        elif self.weight.is_cuda:  # a GEMV with the cast fused in under torch.compile (gpt-fast's int8)
             y = F.linear(x2, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
         else:  # torch's CPU kernel is vectorized for bf16 activations only (bench/quant_kernels.py);
             # it also crashes on inputs that are not 16-byte aligned (torch 2.13, AVX-512: a view at
@@ -261,9 +307,64 @@ class Int8Linear(nn.Module):
             exact.append(torch.einsum("mK,mkK->mk", xs.float(), rows))
         return y.scatter(1, top, torch.cat(exact))
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        q, scale = self.canonical()
+        destination[prefix + "weight"] = q
+        destination[prefix + "weight_scale"] = scale
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        names = ["weight", "weight_scale"] + (["bias"] if self.bias is not None else [])
+        missing = [prefix + n for n in names if prefix + n not in state_dict]
+        missing_keys.extend(missing)
+        if missing:
+            return
+        q, scale = (state_dict[prefix + n].to(self.weight_scale.device, copy=True) for n in names[:2])
+        self._pack(q, scale)
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(state_dict[prefix + "bias"])
+
     def extra_repr(self):
-        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
-                + (f", exact top {self.exact_top_k}" if self.exact_top_k else ""))
+        kernel = "oneDNN int8 x 2 digits" if self.onednn else "bf16 activations"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel, {kernel}"
+                + (f", exact top {self.exact_top_k}" if self.exact_top_k and not self.onednn else ""))
+
+
+def int8_digits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) float -> (digits (2M, K) uint8, s (M, 1) fp32) with x ≈ s (d1 + d2 / 254).
+
+    Row m's scale s maps its largest |x| to 127; d1 = round(x / s) and d2 = round(254 (x / s - d1)),
+    both in [-127, 127], stored + 128 (oneDNN's uint8 activations with zero point 128): rows
+    [0, M) hold d1, rows [M, 2M) hold d2. The error is at most s / 508, 2^-16 of the row's
+    largest value: an int8 GEMM on the digits is as exact as one on 16-bit activations."""
+    x = x.float()
+    s = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny) / 127
+    u = x / s
+    d1 = u.round()
+    d2 = u.sub_(d1).mul_(254).round_()
+    return torch.cat((d1, d2)).add_(128).to(torch.uint8), s
+
+
+def int8_gemm(digits: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(digits - 128) @ q.T * scale in fp32: oneDNN's int8 GEMM with a weight it prepacked
+    (torch.ops.onednn.qlinear_prepack, whose zero points `zero` are all 0)."""
+    return torch.ops.onednn.qlinear_pointwise(digits, 1.0, 128, weight, scale, zero, None, 1.0, 0, torch.float32,
+                                              "none", [], "")
+
+
+@torch.library.custom_op("minidolly::onednn_int8_linear", mutates_args=())
+def onednn_int8_linear(digits: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """int8_gemm as an op of our own, as onednn_linear below, so that torch.compile calls it as
+    it is (its lowering of the oneDNN op expects weights inductor packed itself)."""
+    return int8_gemm(digits, weight, scale, zero)
+
+
+@onednn_int8_linear.register_fake
+def _(digits, weight, scale, zero):
+    return digits.new_empty(digits.shape[0], scale.shape[0], dtype=torch.float32)
 
 
 class Int4Linear(nn.Module):
@@ -307,9 +408,9 @@ class Int4Linear(nn.Module):
             y = torch._weight_int4pack_mm(x2, self.weight, self.group_size, self.weight_scales_and_zeros)
         else:
             y = torch._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.weight_scales_and_zeros)
-        y = y[:, : self.out_features].to(x.dtype)  # (B*T, N), padding rows dropped
-        if self.bias is not None:
-            y = y + self.bias
+        y = y[:, : self.out_features]  # (B*T, N) bf16, padding rows dropped
+        # with a bias the add promotes to the activations' dtype: one op for the cast and the add
+        y = y.to(x.dtype) if self.bias is None else torch.add(y, self.bias).to(x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -351,11 +452,12 @@ def _(x, weight, bias, out_features):
 
 
 class OneDNNLinear(nn.Module):
-    """A bf16 (or fp16) nn.Linear whose weight oneDNN reordered once into its blocked layout.
+    """An nn.Linear (fp32, bf16 or fp16) whose weight oneDNN reordered once into its blocked layout.
 
     F.linear in bf16 hands oneDNN a plain weight and oneDNN reorders it on every call; done
     once here, a decode step streams the weights at the rate of torch's fp16 GEMV, 1.7x the
-    plain bf16 call (bench/quant_kernels.py). The state_dict holds the plain weight."""
+    plain bf16 call. In fp32 F.linear goes to MKL, whose GEMV streams 10-40 % slower than
+    oneDNN's on the packed weight (bench/quant_kernels.py). The state_dict holds the plain weight."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -364,7 +466,10 @@ class OneDNNLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x):
-        return onednn_linear(x, self.weight, self.bias, self.out_features)
+        if torch.compiler.is_compiling():
+            return onednn_linear(x, self.weight, self.bias, self.out_features)
+        # eager: the op itself, without the custom op's dispatch (~8 us a call, 3 % of a step)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.weight.to_dense()
@@ -483,19 +588,21 @@ def quantization_of(model: nn.Module) -> dict | None:
 
 @torch.no_grad()
 def prepare_for_cpu(model: nn.Module) -> nn.Module:
-    """The 16-bit CPU path: give a bf16 model's linear layers the fastest kernel this CPU has.
+    """Give a full-precision model's linear layers the fastest kernel this CPU has.
 
-    Where the CPU computes bf16 natively (AVX512-BF16 or AMX flags) each nn.Linear becomes a
-    OneDNNLinear, its weight reordered once for oneDNN. fp16 models keep F.linear, which runs
-    torch's own fp16 GEMV at batch 1 (oneDNN's fp16 needs AVX512-FP16 or AMX-FP16, and uses
-    those where present). fp32 and quantized models, and models on other devices, are left as
-    they are. In place; returns the model. Undo by saving and loading: the state_dict is plain.
+    fp32 models, and bf16 ones where the CPU computes bf16 natively (AVX512-BF16 or AMX flags):
+    each nn.Linear becomes a OneDNNLinear, its weight reordered once for oneDNN. fp16 models
+    keep F.linear, which runs torch's own fp16 GEMV at batch 1 (oneDNN's fp16 needs AVX512-FP16
+    or AMX-FP16, and uses those where present). Quantized models and models on other devices
+    are left as they are. In place; returns the model. Undo by saving and loading: the
+    state_dict is plain.
     """
     layers = linear_layers(model)
     if not layers or layers[0][1].weight.device.type != "cpu":
         return model
     dtype = layers[0][1].weight.dtype
-    native = {torch.bfloat16: onednn_bf16_native(), torch.float16: onednn_fp16_native()}.get(dtype, False)
+    native = {torch.float32: torch.backends.mkldnn.is_available(), torch.bfloat16: onednn_bf16_native(),
+              torch.float16: onednn_fp16_native()}.get(dtype, False)
     if native:
         for name, linear in layers:
             model.set_submodule(name, OneDNNLinear(linear))

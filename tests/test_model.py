@@ -96,6 +96,32 @@ def test_rows_of_different_lengths_each_decode_at_their_own_position(ckpt_14m, t
             torch.testing.assert_close(torch.stack([o[b] for o in outs]), alone, rtol=0, atol=1e-4)
 
 
+
+def test_bf16_decode_attention_on_cpu_runs_in_fp32(ckpt_14m, tokenizer, monkeypatch):
+    """torch's CPU attention kernel is 4-5x slower in bf16 than in fp32 for one query over the
+    cache, so a bf16 decode step on CPU attends in fp32: SDPA sees fp32 inputs, and the logits
+    are those of the bf16 model attending in bf16, to bf16's rounding."""
+    model = load_model(ckpt_14m[0], dtype=torch.bfloat16)
+    ids = text_batch(tokenizer)[:, :8]
+    B, T = ids.shape
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    seen = []
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, kwargs.get("attn_mask") is not None))
+        return sdpa(q, k, v, **kwargs)
+
+    with torch.no_grad():
+        cache = KVCache(model.config, B, T + 1, dtype=torch.bfloat16)
+        model(ids[:, :7], cache=cache)
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        step = model(ids[:, 7:8], positions=torch.full((B, 1), 7), cache=cache)
+        monkeypatch.undo()
+        full = model(ids)
+    assert seen and all(dtype == torch.float32 and masked for dtype, masked in seen)
+    assert step.dtype == torch.bfloat16
+    torch.testing.assert_close(step[:, 0].float(), full[:, 7].float(), rtol=0, atol=0.05 * full.float().abs().max().item())
+
 # Table 1 of the Pythia paper (arXiv:2304.01373); 14m and 31m from their HF model cards' totals.
 PAPER_PARAMS = {
     "70m": 70_426_624,

@@ -65,21 +65,43 @@ def test_kernel_matches_dequantized_reference(mode, dtype, shape):
 
 
 def test_int8_exact_top_logits():
-    """embed_out's int8 module recomputes its largest outputs in fp32: they equal the reference
-    (the kernel alone rounds them to bf16), and so does the argmax."""
+    """With torch's bf16 int8 kernel (CPUs without int8 dot products), embed_out's module
+    recomputes its largest outputs in fp32: they equal the reference (the kernel alone rounds
+    them to bf16), and so does the argmax."""
     torch.manual_seed(0)
     linear = nn.Linear(256, 1000, bias=False)
     stored = Q.quantize_to_file_layout(linear.weight.detach(), "int8", None)
-    q = Q.linear_from_file("embed_out", stored, None, "int8", None)
-    assert q.exact_top_k == Q.EXACT_TOP_K and Q.linear_from_file("layers.0.mlp.dense_4h_to_h", stored, None, "int8", None).exact_top_k == 0
+    q = Q.Int8Linear(stored["weight"], stored["weight_scale"], None, Q.EXACT_TOP_K, onednn=False)
+    assert Q.linear_from_file("embed_out", stored, None, "int8", None).exact_top_k == Q.EXACT_TOP_K
+    assert Q.linear_from_file("layers.0.mlp.dense_4h_to_h", stored, None, "int8", None).exact_top_k == 0
     x = torch.randn(40, 256)  # more rows than one 16-row chunk
     ref = x.double() @ (stored["weight"].double() * stored["weight_scale"].double()[:, None]).T
     y = q(x)
     top = ref.topk(Q.EXACT_TOP_K // 2, dim=-1).indices
     assert torch.allclose(y.gather(1, top).double(), ref.gather(1, top), rtol=1e-5, atol=1e-5)
     assert torch.equal(y.argmax(-1), ref.argmax(-1))
-    plain = Q.linear_from_file("other", stored, None, "int8", None)(x).double()
+    plain = Q.Int8Linear(stored["weight"], stored["weight_scale"], None, onednn=False)(x).double()
     assert (plain.gather(1, top) - ref.gather(1, top)).abs().max() > 1e-4  # bf16 rounding, what the refit removes
+
+
+@pytest.mark.skipif(not Q.onednn_int8_native(), reason="this CPU has no int8 dot products (VNNI / AMX-INT8)")
+def test_int8_onednn_kernel_is_exact_to_16_bits():
+    """On CPUs with VNNI the int8 module runs oneDNN's int8 GEMM on two int8 digits of the
+    activations: its outputs are those of the int8 weights times the unrounded fp32 input to
+    ~2^-16, far closer than torch's bf16 kernel (input and output rounded to 8 bits), for a
+    row with an outlier and for several rows with scales of their own."""
+    torch.manual_seed(0)
+    stored = Q.quantize_to_file_layout(torch.randn(300, 512) / 512**0.5, "int8", None)
+    q = Q.linear_from_file("embed_out", stored, torch.randn(300), "int8", None)
+    assert q.onednn
+    x = torch.randn(2, 3, 512) * torch.tensor([1.0, 100.0, 0.01])[:, None]
+    x[0, 0, 7] = 40.0
+    ref = x.double() @ (stored["weight"].double() * stored["weight_scale"].double()[:, None]).T + q.bias.double()
+    err = ((q(x).double() - ref).abs().amax(-1) / ref.abs().amax(-1)).max()
+    bf16 = Q.Int8Linear(stored["weight"], stored["weight_scale"], q.bias, onednn=False)(x).double()
+    assert err < 3e-4 and err < ((bf16 - ref).abs().amax(-1) / ref.abs().amax(-1)).max() / 10
+    q2, scale = q.canonical()  # the opaque layout reads back to the stored tensors
+    assert torch.equal(q2, stored["weight"]) and torch.equal(scale, stored["weight_scale"])
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -101,13 +123,16 @@ def test_int4_repacking_round_trips():
         assert torch.equal(Q.unpack_int4(Q.pack_int4(nibbles), K), nibbles)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4", "int8 embed_out", "onednn"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "int8 embed_out", "int8 bf16 kernel", "onednn"])
 def test_quantized_module_compiles_fullgraph(mode):
     """The static decode step compiles the model with fullgraph=True; these modules must trace."""
     torch.manual_seed(0)
     if mode == "int8 embed_out":  # with its exact top logits
         stored = Q.quantize_to_file_layout(torch.randn(192, 128), "int8", None)
         q = Q.linear_from_file("embed_out", stored, None, "int8", None)
+    elif mode == "int8 bf16 kernel":  # what CPUs without VNNI run
+        stored = Q.quantize_to_file_layout(torch.randn(192, 128), "int8", None)
+        q = Q.Int8Linear(stored["weight"], stored["weight_scale"], None, Q.EXACT_TOP_K, onednn=False)
     elif mode == "onednn":
         if not Q.onednn_bf16_supported():
             pytest.skip("oneDNN has no bf16 on this CPU")
@@ -223,8 +248,17 @@ def test_prepare_for_cpu_packs_bf16_linears(ckpt):
     assert all(torch.equal(state[k], v) for k, v in plain.state_dict().items())
 
 
-def test_prepare_for_cpu_leaves_fp32_and_quantized_models(ckpt):
-    for model in (load_model(ckpt), load_model(ckpt, quantize="int8", dtype=torch.bfloat16)):
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch was built without oneDNN")
+def test_prepare_for_cpu_packs_fp32_linears_exactly(ckpt, full):
+    """fp32 linears go to oneDNN too (MKL's GEMV streams slower): the same fp32 products."""
+    packed = Q.prepare_for_cpu(load_model(ckpt))
+    assert isinstance(packed.layers[0].attention.query_key_value, Q.OneDNNLinear)
+    with torch.no_grad():
+        assert torch.allclose(packed(IDS), full[1], rtol=1e-4, atol=1e-4)
+
+
+def test_prepare_for_cpu_leaves_quantized_models(ckpt):
+    for model in (load_model(ckpt, quantize="int8"), load_model(ckpt, quantize="int4", dtype=torch.bfloat16)):
         kinds = [type(m) for m in model.modules()]
         assert [type(m) for m in Q.prepare_for_cpu(model).modules()] == kinds
 
