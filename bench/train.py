@@ -36,7 +36,8 @@ fine-tuning step, the loop's LoRA step (minidolly/lora.py on query_key_value, al
 `get_peft_model` with the same LoRA config on transformers' GPTNeoXForCausalLM, timed
 interleaved; and the peak memory of each, measured in a fresh process per step kind (so one
 kind's memory cannot hide in another's): on CPU the resident set's high-water mark
-(VmHWM, reset through /proc/self/clear_refs after the model and optimizer are built), on a
+(VmHWM, reset through /proc/self/clear_refs after the model and optimizer are built; glibc's
+mmap threshold fixed at 64 KiB so that freed buffers leave the resident set), on a
 GPU torch.cuda.max_memory_allocated; "peak" is that high-water mark, "step" the part above
 what was resident before the first step (activations, gradients, AdamW state, temporaries).
 "FLOP ceiling" is PEFT's FLOPs per step over ours (matmuls and attention, counted with
@@ -246,7 +247,11 @@ def bench_lora(size: str, batches: list[dict], device: torch.device, bf16: bool,
                "--batch", str(args.batch), "--seq", str(args.seq), "--dolly-batches", str(len(batches)),
                "--data", args.data, "--tokenizer", args.tokenizer, "--device", args.device,
                "--precision", "bf16" if bf16 else "fp32"]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        # glibc keeps freed buffers below its (growing) mmap threshold for reuse, so the resident
+        # set's high-water mark would also count what the allocator hoards; with a fixed 64 KiB
+        # threshold every larger buffer is returned when freed and the mark follows live memory
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
         memory[kind] = json.loads(out.strip().splitlines()[-1])
     return {"tokens": batches[0]["input_ids"].numel(), **t, "memory": memory}
 
