@@ -92,30 +92,31 @@ def row_name(row) -> str:
 # ------------------------------------------------------- one row, in its own process
 
 
-def rss_anon_bytes() -> int:
-    """This process's private (anonymous) resident memory now: what it allocated itself, without
-    the pages of files it maps (which the kernel can drop and read again)."""
+def proc_status_bytes(field: str) -> int | None:
+    """A memory figure of this process from /proc/self/status (in kB there), in bytes; None off Linux."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
+
+
+def rss_anon_bytes() -> int:
+    """This process's private (anonymous) resident memory now: what it allocated itself, without
+    the pages of files it maps (which the kernel can drop and read again)."""
+    return proc_status_bytes("RssAnon") or 0
 
 
 def peak_rss_bytes() -> int:
     """This process's peak resident memory: VmHWM, which starts afresh at exec (ru_maxrss keeps
     the parent's peak from before the fork on Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    peak = proc_status_bytes("VmHWM")
+    if peak is None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return peak
 
 
 def weight_bytes(model, skip: str) -> int:
@@ -292,6 +293,7 @@ def write_checkpoint(size: str, directory: str, dtype: torch.dtype, gguf_types: 
     from minidolly import load_model, save_gguf, save_model
     from minidolly.config import ModelConfig
     from minidolly.model import GPTNeoX
+    from quality import llama_quantize  # bench/quality.py, next to this script
 
     torch.manual_seed(0)
     model = GPTNeoX(ModelConfig.from_size(size), use_kernels=False)  # GPT-NeoX's own init
@@ -314,19 +316,6 @@ def write_checkpoint(size: str, directory: str, dtype: torch.dtype, gguf_types: 
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(width, torch.float32)
         save_model(load_model(directory, quantize=quantize, dtype=dtype), os.path.join(directory, width))
     return files
-
-
-def llama_quantize(src: str, dst: str, ftype: str) -> str:
-    """llama.cpp's own quantizer (llama-quantize's library call) with its default settings."""
-    import ctypes
-
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[ftype]
-    if llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params)) != 0:
-        raise RuntimeError(f"llama_model_quantize failed on {src}")
-    return dst
 
 
 def gguf_weight_bytes(path: str) -> int:
@@ -519,15 +508,18 @@ def main():
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     prompt = torch.randint(0, 50000, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
     all_targets, started = [], time.perf_counter()
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
     for size in args.sizes:
         work = tempfile.mkdtemp(prefix=f"bench-generate-{size}-", dir=args.workdir)
         try:
             size_start = time.perf_counter()
             needs_fp32 = not cuda or "float32" in args.dtypes or args.quantize
             ggufs = [r["width"] for r in rows if r["engine"] == "llama.cpp"]
+            base = "float32" if needs_fp32 else "bfloat16"  # the checkpoint's own dtype; other widths saved apart
             files = run_row(dict(engine="checkpoint", size=size, directory=work, gguf_types=ggufs, threads=args.threads,
-                                 saved=sorted({r["width"] for r in rows if r["engine"] == "minidolly"} - {"fp32"}),
-                                 dtype="float32" if needs_fp32 else "bfloat16"), args.row_timeout)
+                                 saved=sorted({r["width"] for r in rows if r["engine"] == "minidolly"} - {DTYPES[base]}),
+                                 dtype=base), args.row_timeout)
             if "error" in files:  # in a process of its own: the parent stays small, llama.cpp's log stays out
                 sys.exit(f"error: writing the {size} checkpoint failed: {files['error']}")
             print(f"\n{size}: checkpoint and GGUF files written in {time.perf_counter() - size_start:.0f} s", flush=True)
