@@ -71,9 +71,9 @@ def candidates(W: torch.Tensor, compile: bool, group_sizes: list[int]) -> dict:
     out["bf16 linear, no oneDNN"] = ((W.to(BF16),), linear_without_onednn, BF16, 2 * N * K)
     onednn = lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")  # noqa: E731
     if torch.backends.mkldnn.is_available():
-        out["fp32 onednn packed"] = ((torch.ops.mkldnn._reorder_linear_weight(W, 1),), onednn, FP32, 4 * N * K)
+        out["fp32 onednn packed"] = ((torch.ops.mkldnn._reorder_linear_weight(W, Q.PACK_BATCH),), onednn, FP32, 4 * N * K)
     if Q.onednn_bf16_supported():
-        out["bf16 onednn packed"] = ((torch.ops.mkldnn._reorder_linear_weight(W.to(BF16), 1),), onednn, BF16, 2 * N * K)
+        out["bf16 onednn packed"] = ((torch.ops.mkldnn._reorder_linear_weight(W.to(BF16), Q.PACK_BATCH),), onednn, BF16, 2 * N * K)
 
     q8, s8 = Q.quantize_int8(W)
     if Q.onednn_int8_native():

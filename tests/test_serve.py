@@ -479,15 +479,13 @@ def test_eager_steps_read_keys_only_up_to_the_furthest_row(ckpt, tokenizer):
         jobs = [("Explain gravity.", 80), ("Tell me a story.", 40)]
         collects = [Collect() for _ in jobs]
         for (instruction, n), c in zip(jobs, collects):
-            engine.submit(tokenizer.encode(format_prompt(instruction)), SamplingParams(n, temperature=0,
-                                                                                       ignore_eos=True), c)
+            engine.submit(tokenizer.encode(format_prompt(instruction)), SamplingParams(n, temperature=0), c)
         results = [c.result() for c in collects]
     finally:
         engine.close()
     assert all(window == (furthest // 64 + 1) * 64 for window, furthest in seen)
     assert {64, 128} <= {window for window, _ in seen}
-    assert [r[0] for r in results] == [solo(ckpt, tokenizer, i, max_new_tokens=n, ignore_eos=True)[0]
-                                       for i, n in jobs]
+    assert results == [solo(ckpt, tokenizer, i, max_new_tokens=n) for i, n in jobs]
 
 
 def test_engine_joins_one_prefill_between_steps_and_gives_solo_answers(ckpt, tokenizer, monkeypatch):
