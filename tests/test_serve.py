@@ -462,6 +462,19 @@ class Collect:
         return "".join(o.text for o in self.outputs), last.finish_reason, last.completion_tokens
 
 
+def run_greedy(engine, jobs):
+    """Start `engine`, submit every (instruction, max_new_tokens) of `jobs` greedily, wait for
+    them all, close it; returns each request's (text, finish_reason, tokens)."""
+    engine.start()
+    try:
+        collects = [Collect() for _ in jobs]
+        for (instruction, n), c in zip(jobs, collects):
+            engine.submit(engine.tokenizer.encode(format_prompt(instruction)), SamplingParams(n, temperature=0), c)
+        return [c.result() for c in collects]
+    finally:
+        engine.close()
+
+
 def test_eager_steps_read_keys_only_up_to_the_furthest_row(ckpt, tokenizer):
     """An eager step reads the next multiple of 64 keys above the furthest row's position (not
     the 256 of a compiled step): the window grows as the rows do, and answers stay solo."""
@@ -474,15 +487,8 @@ def test_eager_steps_read_keys_only_up_to_the_furthest_row(ckpt, tokenizer):
         return real_step(model, cache, tokens, positions)
 
     engine._step = step
-    engine.start()
-    try:
-        jobs = [("Explain gravity.", 80), ("Tell me a story.", 40)]
-        collects = [Collect() for _ in jobs]
-        for (instruction, n), c in zip(jobs, collects):
-            engine.submit(tokenizer.encode(format_prompt(instruction)), SamplingParams(n, temperature=0), c)
-        results = [c.result() for c in collects]
-    finally:
-        engine.close()
+    jobs = [("Explain gravity.", 80), ("Tell me a story.", 40)]
+    results = run_greedy(engine, jobs)
     assert all(window == (furthest // 64 + 1) * 64 for window, furthest in seen)
     assert {64, 128} <= {window for window, _ in seen}
     assert results == [solo(ckpt, tokenizer, i, max_new_tokens=n) for i, n in jobs]
@@ -508,14 +514,7 @@ def test_engine_joins_one_prefill_between_steps_and_gives_solo_answers(ckpt, tok
     engine._step = step
     jobs = [("Explain gravity.", 30), ("Write a haiku about rain.", 20), ("Name a prime.", 8),
             ("Summarize the passage.", 25), ("Tell me a story.", 12)]
-    engine.start()
-    try:
-        collects = [Collect() for _ in jobs]
-        for (instruction, n), c in zip(jobs, collects):
-            engine.submit(tokenizer.encode(format_prompt(instruction)), SamplingParams(n, temperature=0), c)
-        results = [c.result() for c in collects]
-    finally:
-        engine.close()
+    results = run_greedy(engine, jobs)
     assert results == [solo(ckpt, tokenizer, i, max_new_tokens=n) for i, n in jobs]
     assert events.count("prefill") == 5 and events[0] == "prefill"
     assert all(not (a == b == "prefill") for a, b in zip(events, events[1:]))
