@@ -163,7 +163,7 @@ class Request:
 def window_length(position: int, max_length: int, compiled: bool) -> int:
     """The keys a decode step reads per row when the furthest row writes at `position`, capped at
     the cache's length. Eager: the next multiple of 64 above `position`: at batch 8 on a CPU the
-    step's attention reads as many bytes of keys and values as a fifth of the weights, so every
+    step's attention reads keys and values worth a quarter of the fp32 weights' bytes, so every
     key past the furthest row is time lost. Compiled: a power of two from 256, since every
     length is a graph of its own (compiled once, then replayed)."""
     if compiled:
