@@ -173,7 +173,7 @@ def load(args):
             tokenizer = load_tokenizer(args.model)
     except (OSError, ValueError) as e:  # missing path, offline Hub id, corrupt file, bad --group-size
         raise UsageError(f"Cannot load --model {args.model}: {e}") from None
-    prepare_for_cpu(model)  # 16-bit linears get the CPU's fastest kernel (minidolly/quantize.py)
+    prepare_for_cpu(model, compile=args.compile)  # the CPU's fastest kernels, eager or compiled (minidolly/quantize.py)
     print(f"loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
     return model, tokenizer
 

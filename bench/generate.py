@@ -1,6 +1,6 @@
 """Decode speed at every weight width: minidolly vs transformers vs llama.cpp, on one checkpoint.
 
-    python bench/generate.py                          # CPU: 160m 410m 1.4b, every row, ~30 min on 2 cores
+    python bench/generate.py                          # CPU: 160m 410m 1.4b, every row, ~60 min on 2 cores
     python bench/generate.py --sizes 410m --repeats 1 --dtypes --quantize int4 --gguf-types q4_0
     python bench/generate.py --sizes 2.8b --engines minidolly llama.cpp    # dolly-v2-3b's shape, if it fits
     python bench/generate.py --device cuda --sizes dolly-v2-3b --dtypes bfloat16 --repeats 2
@@ -13,10 +13,12 @@ make them). Every row is then a fresh process that loads its engine from those f
 a user does (minidolly: load_model(dtype=, quantize=) and prepare_for_cpu, as generate.py),
 warms up, and generates 128 greedy tokens after a 32-token prompt at batch 1:
 
-    minidolly fp32 / bf16      the whole model in that dtype (bf16: oneDNN-packed linears)
+    minidolly fp32 / bf16      the whole model in that dtype (eager: oneDNN-packed linears)
     minidolly int8 / int4      weight-only int8 per channel / int4 g64 (embed_out int8), loaded from
                                checkpoints saved quantized (as llama.cpp loads a quantized file)
-    ... compiled               the same with compile=True (the static decode step through inductor)
+    ... compiled               the same with compile=True (the static decode step through inductor,
+                               after prepare_for_cpu(model, compile=True): at batch 1 every linear but
+                               int4's is inductor's own GEMV loop; the best settings on CPU)
     transformers fp32 / bf16   GPTNeoXForCausalLM.generate
     llama.cpp f32 / f16 / q8_0 / q4_0   llama-cpp-python, default settings (repacked buffers)
 
@@ -147,7 +149,7 @@ def run_minidolly(job) -> dict:
     start = time.perf_counter()
     model = load_model(saved if os.path.isdir(saved) else job["checkpoint"], dtype=dtype, device=device,
                        use_kernels=False)
-    prepare_for_cpu(model)  # what generate.py does at load
+    prepare_for_cpu(model, compile=job["compile"])  # what generate.py does at load
     out = dict(load_s=time.perf_counter() - start, weight_bytes=weight_bytes(model, "embed_in"))
 
     def timed(n):
@@ -454,8 +456,8 @@ def main():
     p.add_argument("--gguf-types", nargs="*", choices=["f32", "f16", "q8_0", "q4_0"],
                    default=["f32", "f16", "q8_0", "q4_0"], help="llama.cpp's rows (CPU only)")
     p.add_argument("--compiled", nargs="*", choices=["fp32", "bf16", "fp16", "int8", "int4"], default=None,
-                   help="minidolly widths that also get a compile=True row (default: int8 on CPU, where compiling "
-                        "fuses its activation digits, see docs/generation.md; bf16 on CUDA)")
+                   help="minidolly widths that also get a compile=True row (default: every width on CPU, where the "
+                        "compiled batch-1 step multiplies by inductor's own GEMV, see docs/generation.md; bf16 on CUDA)")
     p.add_argument("--compiled-only", action="store_true", help="leave out the eager rows of those widths")
     p.add_argument("--no-compile", action="store_true", help="no compile=True rows")
     p.add_argument("--repeats", type=int, default=3)
@@ -474,7 +476,7 @@ def main():
     args.dtypes = args.dtypes if args.dtypes is not None else (["bfloat16"] if cuda else ["float32", "bfloat16"])
     args.quantize = args.quantize if args.quantize is not None else ([] if cuda else ["int8", "int4"])
     if args.compiled is None:
-        args.compiled = ["bf16"] if cuda else ["int8"]
+        args.compiled = ["bf16"] if cuda else ["fp32", "bf16", "fp16", "int8", "int4"]  # CPU: every width, the best settings
     if args.no_compile:
         args.compiled, args.compiled_only = [], False
     notes = []

@@ -54,6 +54,7 @@ FORMAT_VERSION = 1  # of the quantized checkpoint layout above; checkpoint.py re
 INT4_ROWS = 64  # CPU int4 kernels work on blocks of 64 output rows; shorter layers are padded
 EXACT_TOP_K = 32  # logits an int8 embed_out recomputes in fp32 (Int8Linear)
 PACK_BATCH = 16  # the batch OneDNNLinear tells oneDNN to lay its weight out for (see there)
+GEMV_ROWS = 1  # under torch.compile on CPU, products with this many input rows run as `gemv` (see there)
 
 
 class QuantizationError(ValueError):
@@ -229,6 +230,61 @@ def onednn_fp16_native() -> bool:
             and bool({"avx512_fp16", "amx_fp16"} & cpu_flags()))
 
 
+# -------------------------------------------------------------- decode GEMV
+
+
+def gemv(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x2 (M, K) @ weight (N, K).T in fp32, written as a multiply and a sum, for torch.compile.
+
+    A decode step at batch 1 multiplies one row of activations by each weight matrix: a GEMV,
+    whose time is the time to read the weight. Written this way, inductor makes it one C++
+    loop per output row that loads the weight in its own dtype (fp32, bf16, fp16 or int8),
+    converts it in registers and accumulates x * w in fp32 vectors, streaming the weight
+    faster than the library kernels F.linear calls at batch 1 (docs/generation.md, "Compiled
+    decode"). The products are exact fp32 (no bf16 rounding of the input).
+
+    x2 goes through a no-op as_strided first. It is a fusion barrier: without it inductor
+    inlines whatever made x2 (the layer norm before query_key_value, the GELU before
+    dense_4h_to_h) into the loop over K, recomputing it once for each of the N output rows,
+    and the step runs 2-3x slower than eager. as_strided needs a real buffer, so x2 is
+    computed once. Never call gemv eager: there the product is a real (M, N, K) tensor. Each
+    extra row re-reads and re-converts the weight, so from two rows on the GEMM kernels win
+    (GEMV_ROWS)."""
+    x2 = x2.float()
+    x2 = torch.as_strided(x2, x2.shape, x2.stride())  # the fusion barrier above
+    return (x2.unsqueeze(-2) * weight.float()).sum(-1)  # (M, 1, K) * (N, K) -> (M, N, K) -> (M, N)
+
+
+def use_gemv(x2: torch.Tensor) -> bool:
+    """Whether a linear layer should run `gemv` on its input rows x2 (M, K): while torch.compile
+    traces it, on CPU, for at most GEMV_ROWS rows (a batch-1 decode step)."""
+    return torch.compiler.is_compiling() and x2.device.type == "cpu" and x2.shape[0] <= GEMV_ROWS
+
+
+class DecodeLinear(nn.Linear):
+    """An nn.Linear (same weight, same state_dict) whose batch-1 decode products, when
+    torch.compile traces it on CPU, run as `gemv`; F.linear otherwise (prompts, batches, eager).
+    prepare_for_cpu(model, compile=True) gives these to a full-precision model."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "DecodeLinear":
+        """The same layer, sharing linear's parameters (nothing is copied)."""
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        new.weight, new.bias = linear.weight, linear.bias
+        return new
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if not use_gemv(x2):
+            return F.linear(x, self.weight, self.bias)
+        y = gemv(x2, self.weight)  # (M, N) fp32
+        y = y if self.bias is None else y + self.bias.float()
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self):
+        return super().extra_repr() + ", gemv when compiled"
+
+
 # ------------------------------------------------------------------- modules
 # The quantized tensors are buffers (not parameters): nothing trains them, and torch's kernels
 # have no backward. Every module keeps `in_features` / `out_features` as nn.Linear does.
@@ -276,6 +332,13 @@ class Int8Linear(nn.Module):
         q = self.weight.to_dense().t().contiguous() if self.onednn else self.weight
         return q, self.weight_scale.to(torch.bfloat16)
 
+    def use_onednn(self, onednn: bool) -> None:
+        """Move the weight to oneDNN's kernel (True) or to the plain rows of the others (False)."""
+        if onednn != self.onednn:
+            q, scale = self.canonical()
+            self.onednn = onednn
+            self._pack(q, scale)
+
     def forward(self, x):
         shape, x2 = x.shape, x.reshape(-1, self.in_features)  # (M, K)
         if self.onednn:
@@ -288,6 +351,8 @@ class Int8Linear(nn.Module):
             return y.view(*shape[:-1], self.out_features)
         elif self.weight.is_cuda:  # a GEMV with the cast fused in under torch.compile (gpt-fast's int8)
             y = F.linear(x2, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
+        elif use_gemv(x2):  # compiled batch-1 decode: exact fp32 products, no bf16 rounding
+            y = (gemv(x2, self.weight) * self.weight_scale.float()).to(x.dtype)  # (M, N)
         else:  # torch's CPU kernel is vectorized for bf16 activations only (bench/quant_kernels.py);
             # it also crashes on inputs that are not 16-byte aligned (torch 2.13, AVX-512: a view at
             # an 8-byte offset segfaults), so x always gets a fresh (64-byte aligned) copy
@@ -595,18 +660,28 @@ def quantization_of(model: nn.Module) -> dict | None:
 
 
 @torch.no_grad()
-def prepare_for_cpu(model: nn.Module) -> nn.Module:
-    """Give a full-precision model's linear layers the fastest kernel this CPU has.
+def prepare_for_cpu(model: nn.Module, compile: bool = False) -> nn.Module:
+    """Give a model's linear layers the fastest kernel this CPU has, for eager or compiled decoding.
 
-    fp32 models, and bf16 ones where the CPU computes bf16 natively (AVX512-BF16 or AMX flags):
-    each nn.Linear becomes a OneDNNLinear, its weight reordered once for oneDNN. fp16 models
-    keep F.linear, which runs torch's own fp16 GEMV at batch 1 (oneDNN's fp16 needs AVX512-FP16
-    or AMX-FP16, and uses those where present). Quantized models and models on other devices
-    are left as they are. In place; returns the model. Undo by saving and loading: the
-    state_dict is plain.
+    compile=False (eager): fp32 models, and bf16 ones where the CPU computes bf16 natively
+    (AVX512-BF16 or AMX flags): each nn.Linear becomes a OneDNNLinear, its weight reordered
+    once for oneDNN. fp16 models keep F.linear, which runs torch's own fp16 GEMV at batch 1
+    (oneDNN's fp16 needs AVX512-FP16 or AMX-FP16, and uses those where present).
+    compile=True (for generate(..., compile=True)): each nn.Linear becomes a DecodeLinear, the
+    same plain weight, which the compiled decode step multiplies as a `gemv`; an int8 model's
+    layers move to plain int8 rows, for the same reason. int4 layers keep their kernel.
+    Models on other devices are left as they are. In place; returns the model. Undo by saving
+    and loading: the state_dict is plain.
     """
-    layers = linear_layers(model)
-    if not layers or layers[0][1].weight.device.type != "cpu":
+    layers = [(name, m) for name, m in linear_layers(model) if m.weight.device.type == "cpu"]
+    if compile:
+        for name, linear in layers:
+            model.set_submodule(name, DecodeLinear.from_linear(linear))
+        for m in model.modules():
+            if isinstance(m, Int8Linear) and m.weight_scale.device.type == "cpu":
+                m.use_onednn(False)
+        return model
+    if not layers:
         return model
     dtype = layers[0][1].weight.dtype
     native = {torch.float32: torch.backends.mkldnn.is_available(), torch.bfloat16: onednn_bf16_native(),

@@ -263,6 +263,76 @@ def test_prepare_for_cpu_leaves_quantized_models(ckpt):
         assert [type(m) for m in Q.prepare_for_cpu(model).modules()] == kinds
 
 
+# ------------------------------------------------------------ compiled decode
+
+
+def compiled_code(fn, *args):
+    """fn(*args) through torch.compile (fullgraph, static shapes), and the code inductor wrote."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    out, code = run_and_get_code(torch.compile(fn, fullgraph=True, dynamic=False), *args)
+    return out, "\n".join(code)
+
+
+LIBRARY_MATMULS = ("extern_kernels.", "torch.ops.mkldnn", "int8pack_mm", "torch.ops.onednn")  # F.linear, the eager kernels
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
+def test_compiled_batch1_products_are_a_gemv_and_exact(kind):
+    """Under torch.compile on CPU a batch-1 product is inductor's own loop (no library call),
+    with fp32 products of the weight as stored, and the producer of its input (here a GELU)
+    is computed once, not inlined into the loop over the weight; two rows go to the kernels."""
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 200)
+    dtype = torch.bfloat16 if kind == "bf16" else torch.float32
+    if kind == "int8":
+        layer = Q.Int8Linear(*Q.quantize_int8(linear.weight.detach()), linear.bias, onednn=False)
+        weight = layer.weight.double() * layer.weight_scale.double()[:, None]
+    else:
+        layer = Q.DecodeLinear.from_linear(linear.to(dtype))
+        weight = layer.weight.double()
+    x = torch.randn(1, 1, 256).to(dtype)
+    with torch.no_grad():
+        y, code = compiled_code(lambda x: layer(torch.nn.functional.gelu(x)), x)
+        ref = torch.nn.functional.gelu(x.double()) @ weight.T + linear.bias.double()
+        assert y.dtype == dtype and y.shape == (1, 1, 200)
+        # fp32 sums of exact products: only the output's own rounding (bf16: 8 bits)
+        assert (y.double() - ref).abs().max() <= (1e-5 if dtype == torch.float32 else 4e-3) * ref.abs().max()
+        assert not any(name in code for name in LIBRARY_MATMULS), code
+        assert code.count(".erf()") == 1 and "as_strided" in code  # the GELU, once; the barrier
+        _, code2 = compiled_code(lambda x: layer(x), torch.randn(2, 1, 256).to(dtype))
+        assert any(name in code2 for name in LIBRARY_MATMULS)  # two rows: the GEMM kernels
+
+
+@pytest.mark.parametrize("mode", [None, "int8"])
+def test_prepare_for_cpu_compile_decodes_as_eager(ckpt, mode):
+    """prepare_for_cpu(compile=True), as generate.py --compile does: the compiled decode
+    step's logits equal eager's (the unprepared model) at every step, and the state_dict
+    is unchanged."""
+    from minidolly.generate import KVCache, compiled_decode_step, decode_step
+
+    eager = load_model(ckpt, quantize=mode)
+    model = Q.prepare_for_cpu(load_model(ckpt, quantize=mode), compile=True)
+    assert not any(isinstance(m, Q.OneDNNLinear) for m in model.modules())
+    if mode is None:
+        assert isinstance(model.layers[0].mlp.dense_4h_to_h, Q.DecodeLinear)
+    else:
+        assert not model.embed_out.onednn
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in eager.state_dict().items())
+    torch._dynamo.reset()
+    caches = [KVCache(m.config, 1, 16, device="cpu", dtype=torch.float32) for m in (eager, model)]
+    step = compiled_decode_step("cpu")
+    with torch.inference_mode():
+        for pos, token in enumerate(IDS[0].tolist()):
+            args = torch.tensor([token]), torch.tensor([pos])
+            a, b = decode_step(eager, caches[0], *args), step(model, caches[1], *args)
+            # int8 eager rounds activations to bf16 (torch's kernel) or 16 bits (oneDNN's digits)
+            tol = 1e-4 if mode is None else 2e-2
+            assert (a - b).abs().max() <= tol * a.abs().max(), pos
+
+
 # ------------------------------------------------------------------- CUDA
 
 
