@@ -241,7 +241,7 @@ def gemv(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     loop per output row that loads the weight in its own dtype (fp32, bf16, fp16 or int8),
     converts it in registers and accumulates x * w in fp32 vectors, streaming the weight
     faster than the library kernels F.linear calls at batch 1 (docs/generation.md, "Compiled
-    decode"). The products are exact fp32 (no bf16 rounding of the input).
+    decode on CPU"). The products are exact fp32 (no bf16 rounding of the input).
 
     x2 goes through a no-op as_strided first. It is a fusion barrier: without it inductor
     inlines whatever made x2 (the layer norm before query_key_value, the GELU before
@@ -252,7 +252,28 @@ def gemv(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     (GEMV_ROWS)."""
     x2 = x2.float()
     x2 = torch.as_strided(x2, x2.shape, x2.stride())  # the fusion barrier above
-    return (x2.unsqueeze(-2) * weight.float()).sum(-1)  # (M, 1, K) * (N, K) -> (M, N, K) -> (M, N)
+    (M, K), N = x2.shape, weight.shape[0]
+    J = gemv_chunks(K)
+    if J == 1:
+        return (x2.unsqueeze(-2) * weight.float()).sum(-1)  # (M, 1, K) * (N, K) -> (M, N, K) -> (M, N)
+    x3, w3 = x2.view(M, 1, J, K // J), weight.view(N, J, K // J)
+    return (x3 * w3.float()).sum(-1).sum(-1)  # (M, N, J, K/J) -> (M, N, J) -> (M, N)
+
+
+GEMV_CHUNK = 2048  # the longest sum `gemv` lets inductor write as one loop (see gemv_chunks)
+
+
+def gemv_chunks(K: int) -> int:
+    """How many equal chunks `gemv` sums a row of K inputs in: the fewest of at most GEMV_CHUNK.
+    Over 4096 inputs inductor sums through a CascadeSumHelper (for accuracy), which ran 5x
+    slower: 1.4b's 8192-input dense_4h_to_h streamed 3.2 GB/s (int8, one thread) against 15
+    for its 2048-input layers. Chunks of 2048 measured best among 512-4096: 8.6 GB/s there,
+    and 12.5 against 6.9 for 410m's 4096-input layer (one loop without the helper). Why 8192 inputs stay at half the rate of 2048 in
+    chunks too is not yet understood (the loops inductor writes are the same)."""
+    J = -(-K // GEMV_CHUNK)
+    while K % J:
+        J += 1
+    return J
 
 
 def use_gemv(x2: torch.Tensor) -> bool:
@@ -305,6 +326,10 @@ class Int8Linear(nn.Module):
         bf16, so embed_out recomputes its `exact_top_k` largest logits in fp32 from the same
         int8 rows, see _exact_top), or on CUDA w.to(x.dtype), F.linear and the scales, which
         torch.compile fuses into one GEMV as gpt-fast does.
+    And a third, for plain rows (onednn=False) while torch.compile traces a one-row product on
+    CPU (the batch-1 decode step after prepare_for_cpu(model, compile=True)): `gemv`, inductor's
+    own loop over the int8 rows, exact fp32 products times the row scale, the fastest of the three
+    at one row (docs/generation.md, "Compiled decode on CPU").
     `weight` is in the kernel's layout (oneDNN's is opaque); the state_dict holds the canonical
     (q (N, K) int8, scale (N,) bf16) either way."""
 

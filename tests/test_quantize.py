@@ -305,6 +305,19 @@ def test_compiled_batch1_products_are_a_gemv_and_exact(kind):
         assert any(name in code2 for name in LIBRARY_MATMULS)  # two rows: the GEMM kernels
 
 
+@pytest.mark.parametrize("K, chunks", [(6144, 3), (5000, 4)])
+def test_compiled_gemv_sums_long_rows_in_chunks(K, chunks):
+    """Rows longer than GEMV_CHUNK are summed in equal chunks (inductor's plain loop), same values."""
+    assert Q.gemv_chunks(K) == chunks
+    torch.manual_seed(0)
+    x, w = torch.randn(1, K), torch.randint(-127, 128, (8, K), dtype=torch.int8)
+    with torch.no_grad():
+        y, code = compiled_code(Q.gemv, x, w)
+    assert "CascadeSumHelper" not in code
+    ref = x.double() @ w.double().T
+    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 @pytest.mark.parametrize("mode", [None, "int8"])
 def test_prepare_for_cpu_compile_decodes_as_eager(ckpt, mode):
     """prepare_for_cpu(compile=True), as generate.py --compile does: the compiled decode
