@@ -28,8 +28,6 @@ bandwidth probe (fp32, a 256 MiB matrix) measured in the same run. Kernels
     int4 pack_mm gN             torch._weight_int4pack_mm_for_cpu, a scale and zero per N inputs
     int4 dequant g64            nibbles unpacked and dequantized, then F.linear (eager)
     int4 compiled g64           the same through torch.compile
-    int4 compiled gemv g64      the nibbles unpacked in inductor's loop (a float floor, no byte
-                                shifts) and summed per row, the group scale applied per element
     torchao ...                 torchao's int8 / int4 weight-only Linear, when torchao is installed
 
 Activations are fp32 ("/f32"), bf16 ("/bf16") or fp16 ("/fp16"). Each time is the median of
@@ -115,24 +113,8 @@ def candidates(W: torch.Tensor, compile: bool, group_sizes: list[int]) -> dict:
                 compiled4 = torch.compile(dequant4, dynamic=False)
                 for act in (FP32, BF16):
                     out[f"int4 compiled g64/{SHORT[act]}"] = ((nibbles, scale, zero), compiled4, act, nbytes)
-                out["int4 compiled gemv g64/f32"] = ((nibbles, scale, zero), torch.compile(gemv4, dynamic=False),
-                                                     FP32, nbytes)
     out.update(torchao_candidates(W))
     return out
-
-
-def gemv4(x, nibbles, scale, zero, g=64):
-    """x (M, K) @ the int4 weight.T as a multiply and a sum for inductor, quantize.gemv's way.
-    Byte j of a row holds q[2j] (high nibble) and q[2j + 1] (low); w = q * scale + zero - 8 scale."""
-    M, K = x.shape
-    N, G = scale.shape
-    x = torch.as_strided(x.float(), (M, K), (K, 1))  # quantize.gemv's fusion barrier
-    xe, xo = x[:, 0::2].reshape(M, 1, G, g // 2), x[:, 1::2].reshape(M, 1, G, g // 2)  # even, odd inputs
-    b = nibbles.view(N, G, g // 2).float()  # (N, G, g/2) byte values 0..255
-    hi = torch.floor(b * (1 / 16))  # the high nibble, without a byte shift (AVX-512 has none)
-    lo = b - 16 * hi
-    s, z = scale.float()[..., None], zero.float()[..., None]  # (N, G, 1)
-    return (s * (xe * hi + xo * lo) + (z - 8 * s) * (xe + xo)).sum((-1, -2))  # (M, N)
 
 
 def linear_without_onednn(x, w):
