@@ -268,8 +268,9 @@ def gemv_chunks(K: int) -> int:
     Over 4096 inputs inductor sums through a CascadeSumHelper (for accuracy), which ran 5x
     slower: 1.4b's 8192-input dense_4h_to_h streamed 3.2 GB/s (int8, one thread) against 15
     for its 2048-input layers. Chunks of 2048 measured best among 512-4096: 8.6 GB/s there,
-    and 12.5 against 6.9 for 410m's 4096-input layer (one loop without the helper). Why 8192 inputs stay at half the rate of 2048 in
-    chunks too is not yet understood (the loops inductor writes are the same)."""
+    and 12.5 against 6.9 for 410m's 4096-input layer (one loop without the helper). Why 8192
+    inputs stay at half the rate of 2048 in chunks too is not yet understood (the loops
+    inductor writes are the same)."""
     J = -(-K // GEMV_CHUNK)
     while K % J:
         J += 1
