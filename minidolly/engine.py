@@ -44,7 +44,7 @@ from typing import Callable
 import torch
 
 from .generate import (SamplingError, TextAssembler, check_sampling, checked_tokens, compiled_decode_step, decode_step,
-                       prefill)
+                       prefill, window_length)
 from .model import GPTNeoX, KVCache
 from .tokenizer import Tokenizer
 
@@ -160,25 +160,14 @@ class Request:
         return f"Request({self.id}, slot={self.slot}, prompt_tokens={self.prompt_tokens}, generated={self.generated})"
 
 
-def window_length(position: int, max_length: int, compiled: bool) -> int:
-    """The keys a decode step reads per row when the furthest row writes at `position`, capped at
-    the cache's length. Eager: the next multiple of 64 above `position`: at batch 8 on a CPU the
-    step's attention reads keys and values worth a quarter of the fp32 weights' bytes, so every
-    key past the furthest row is time lost. Compiled: a power of two from 256, since every
-    length is a graph of its own (compiled once, then replayed)."""
-    if compiled:
-        return min(max_length, max(256, 1 << position.bit_length()))
-    return min(max_length, (position // 64 + 1) * 64)
-
-
 class Engine:
     """Continuous batching over one model: see the module docstring.
 
     max_batch_size: slots, i.e. requests decoded together; the KVCache holds that many rows of
         the model's whole window (max_position_embeddings), allocated here, once.
     max_queue: requests that may wait for a slot; one more raises QueueFullError.
-    compile: decode through `compiled_decode_step` (one graph per window length, all slots
-        every step); eager decoding runs only the slots up to the highest busy one.
+    compile: decode through `compiled_decode_step` (all slots every step; on CUDA one graph
+        per window length, on CPU one graph for all: `window_length`); eager decoding runs only the slots up to the highest busy one.
     `start()` starts the engine thread; `close()` ends every request (finish_reason
     "shutdown") and stops it.
     """
@@ -327,9 +316,10 @@ class Engine:
         running = self._running()
         # The step reads slots [0, n) and `window` keys of each: the least that holds every running row.
         n = self.max_batch_size if self.compile else 1 + max(r.slot for r in running)
-        window = window_length(max(r.position for r in running), self.max_length, self.compile)
+        graphs = self.compile and self.device.type != "cpu"  # one graph per window length
+        window = window_length(max(r.position for r in running), self.max_length, graphs)
         if (n, window) not in self._views:
-            self._views[n, window] = self.cache.rows(0, n).window(window)
+            self._views[n, window] = self.cache.rows(0, n).window(window, dynamic=self.compile and not graphs)
         positions = [0] * n  # a free slot decodes its token at position 0, unread
         for r in running:
             positions[r.slot] = r.position

@@ -85,6 +85,8 @@ class Attention(nn.Module):
             k, v = kv_cache.update(k, v)  # (B, H, S, D): a decode step reads the whole cache
         if fused and mask is None and T > 1:
             y = kernels.flash_attention(q, k, v, causal=True)  # kernels/attention.py
+        elif T == 1 and mask is not None and q.device.type == "cpu" and torch.compiler.is_compiling():
+            y = decode_attention(q, k, v, mask)  # a compiled CPU decode step: see there
         elif mask is not None and q.dtype != torch.float32 and q.device.type == "cpu":
             # A decode step on CPU in 16 bits: torch's CPU attention kernel takes 4-8x longer
             # for one query over the cache in bf16 than in fp32 (310 vs 46 us a layer at 410m,
@@ -97,6 +99,18 @@ class Attention(nn.Module):
         if rows is not None:
             y = y.flatten(0, 1)[rows]  # (N, C): only the queries whose output is read
         return self.dense(y)
+
+
+def decode_attention(q, k, v, mask):
+    """One query per row over the cache, q (B, H, 1, D), k, v (B, H, S, D), mask (B, 1, 1, S),
+    written as two sums and a softmax for torch.compile on CPU. Inductor makes it a few loops
+    that read each key and value once in the cache's dtype and compute in fp32; torch's CPU
+    SDPA kernel, made for many queries, took 1.6x as long per layer in fp32 and 2.4x in bf16,
+    whose keys it first copies to fp32 (docs/generation.md, "Compiled decode on CPU")."""
+    scores = (q.float() * k.float()).sum(-1) * q.shape[-1] ** -0.5  # (B, H, S)
+    scores = scores.masked_fill(~mask[:, :, 0], float("-inf"))
+    p = scores.softmax(-1)
+    return (p.unsqueeze(-1) * v.float()).sum(-2, keepdim=True).to(q.dtype)  # (B, H, S, D) -> (B, H, 1, D)
 
 
 # ------------------------------------------------------------------------ MLP
@@ -190,12 +204,13 @@ class KVCache:
         view.batch_size = stop - start
         return view
 
-    def window(self, length: int) -> "KVCache":
+    def window(self, length: int, dynamic: bool = False) -> "KVCache":
         """Positions [0, length) of every slot as a cache of their own: views, so writes land in
         this cache, and a decode step through the view reads `length` keys per row instead of
-        max_length. A server decodes through the smallest window that holds every running
-        row's position (minidolly/engine.py); made once per length and kept, the views are the
-        same tensors at every step, which is what a compiled (CUDA-graph) step needs."""
+        max_length (`window_length` chooses it). Made once per length and kept, the views are
+        the same tensors at every step, which is what a compiled (CUDA-graph) step needs.
+        dynamic: mark the length as dynamic for torch.compile, so that one graph serves every
+        window (the compiled CPU step); otherwise each length compiles a graph of its own."""
         if not 0 < length <= self.max_length:
             raise ValueError(f"a window of {length} positions is not in a cache of {self.max_length}.")
         view = copy.copy(self)
@@ -203,6 +218,8 @@ class KVCache:
         view.cos, view.sin, view.max_length = self.cos[:length], self.sin[:length], length
         for t in view.k + view.v + [view.cos, view.sin]:
             torch._dynamo.mark_static_address(t)
+            if dynamic:
+                torch._dynamo.mark_dynamic(t, 2 if t.dim() == 4 else 0)
         return view
 
     def layer(self, i: int, positions: torch.Tensor | None) -> "_LayerCache":
@@ -321,8 +338,9 @@ class GPTNeoX(nn.Module):
         device = input_ids.device
         mask = None  # None: plain causal over the T tokens of this call
         if positions is not None and cache is not None:
-            # query (b, t) sees key slot s when s <= positions[b, t]: (B, 1, T, S)
-            mask = torch.arange(cache.max_length, device=device) <= positions[:, None, :, None]
+            # query (b, t) sees key slot s when s <= positions[b, t]: (B, 1, T, S). S is read off
+            # a tensor, not cache.max_length: torch.compile keeps it symbolic in a dynamic window.
+            mask = torch.arange(cache.k[0].shape[2], device=device) <= positions[:, None, :, None]
         layer_caches = [cache.layer(i, positions) for i in range(len(self.layers))] if cache is not None else None
         if positions is None:
             positions = torch.arange(T, device=device)[None]  # (1, T), the same for every row

@@ -18,7 +18,7 @@ from conftest import REPO, TOKENIZER_JSON, make_hf_checkpoint
 import minidolly
 from minidolly import GPTNeoX, KVCache, ModelConfig, generate, load_model, save_model, stream
 from minidolly.generate import (CompilerMissingError, NonFiniteLogitsError, PromptTruncatedWarning, TextAssembler,
-                                decode, decode_step, encode_prompt, filter_logits, next_tokens, prefill)
+                                decode, decode_step, encode_prompt, filter_logits, next_tokens, prefill, window_length)
 from minidolly.prompt import format_prompt
 
 END, EOS = 50277, 0
@@ -201,11 +201,12 @@ def test_compiled_decode_equals_eager_and_compiles_only_for_new_cache_shapes(ran
     assert graphs[2:] == [graphs[1]] * 3, graphs
 
 
-def test_the_decode_step_is_one_graph_with_static_shapes(random_ckpt, tokenizer, monkeypatch):
-    """What lets CUDA graphs capture the step: torch.compile traces it whole (fullgraph) with
-    no symbolic sizes, so the graph is the same for every request that fits the cache.
-    (A backend that records the graphs stands in for inductor here: tracing is the point.)"""
-    graphs, settings, real_compile = [], [], torch.compile
+def test_the_decode_step_is_one_graph_for_every_window(random_ckpt, tokenizer, monkeypatch):
+    """torch.compile traces the step whole (fullgraph) and static but for one size: on CPU the
+    window of the cache it reads (KVCache.window(dynamic=True)), so requests whose windows
+    differ share one graph. (A backend that records the graphs stands in for inductor here:
+    tracing is the point.)"""
+    graphs, settings, windows, real_compile, real_window = [], [], [], torch.compile, KVCache.window
 
     def record(gm, example_inputs):
         graphs.append(gm)
@@ -215,15 +216,32 @@ def test_the_decode_step_is_one_graph_with_static_shapes(random_ckpt, tokenizer,
         settings.append(kw)
         return real_compile(fn, **{**kw, "backend": record})
 
+    def window_recording(cache, length, dynamic=False):
+        windows.append((length, dynamic))
+        return real_window(cache, length, dynamic)
+
     monkeypatch.setattr(sys.modules["minidolly.generate"], "_compiled_steps", {})
     monkeypatch.setattr(torch, "compile", compile_recording)
+    monkeypatch.setattr(KVCache, "window", window_recording)
     _, model, _ = random_ckpt
-    for instruction, n in [("Explain gravity.", 6), ("Why is the sky blue? Answer in one short paragraph.", 9)]:
+    for instruction, n in [("Explain gravity.", 6), ("Why is the sky blue? Answer in one short paragraph.", 90)]:
         generate(model, tokenizer, instruction, max_new_tokens=n, temperature=0, compile=True)
     assert settings == [dict(fullgraph=True, dynamic=False, mode=None)]
+    assert {length for length, _ in windows} >= {64, 128} and all(dynamic for _, dynamic in windows)
     assert len(graphs) == 1
-    symbolic = [n.name for n in graphs[0].graph.nodes if isinstance(n.meta.get("example_value"), torch.SymInt)]
-    assert not symbolic
+    for node in graphs[0].graph.nodes:  # the cache's keys, values (B, H, S, D) and rotary tables (S, R): S only
+        value = node.meta.get("example_value")
+        if node.op == "placeholder" and isinstance(value, torch.Tensor):
+            dims = [d for d, size in enumerate(value.shape) if isinstance(size, torch.SymInt)]
+            assert dims in ([], [value.dim() - 2]), (node.name, value.shape)
+
+
+def test_window_length():
+    """A decode step reads the next multiple of 64 keys above the furthest row's position; under
+    CUDA graphs (one per length) powers of two from 256; never more than the cache holds."""
+    assert [window_length(p, 2048, graphs=False) for p in (0, 63, 64, 200, 2047)] == [64, 64, 128, 256, 2048]
+    assert [window_length(p, 2048, graphs=True) for p in (0, 255, 256, 700, 2047)] == [256, 256, 512, 1024, 2048]
+    assert window_length(100, 80, graphs=False) == 80
 
 
 def test_decoding_reads_the_device_once_per_token(meta_reads):

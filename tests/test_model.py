@@ -122,6 +122,25 @@ def test_bf16_decode_attention_on_cpu_runs_in_fp32(ckpt_14m, tokenizer, monkeypa
     assert step.dtype == torch.bfloat16
     torch.testing.assert_close(step[:, 0].float(), full[:, 7].float(), rtol=0, atol=0.05 * full.float().abs().max().item())
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_decode_attention_on_cpu_equals_sdpa(dtype):
+    """A compiled CPU decode step attends through decode_attention (two sums and a softmax that
+    inductor fuses): the same output as SDPA over the same masked cache, rows of different
+    lengths, in fp32 and bf16 (to the input's rounding)."""
+    from minidolly.model import decode_attention
+
+    torch.manual_seed(0)
+    B, H, S, D = 3, 4, 40, 16
+    q, k, v = (torch.randn(B, H, n, D).to(dtype) for n in (1, S, S))
+    mask = torch.arange(S) <= torch.tensor([0, 17, S - 1])[:, None, None, None]  # (B, 1, 1, S)
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    got = torch.compile(decode_attention, fullgraph=True, dynamic=False)(q, k, v, mask)
+    assert got.dtype == dtype and got.shape == (B, H, 1, D)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
 # Table 1 of the Pythia paper (arXiv:2304.01373); 14m and 31m from their HF model cards' totals.
 PAPER_PARAMS = {
     "70m": 70_426_624,
