@@ -234,7 +234,9 @@ def onednn_fp16_native() -> bool:
 
 
 def gemv(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x2 (M, K) @ weight (N, K).T in fp32, written as a multiply and a sum, for torch.compile.
+    """x2 (M, K) @ weight.T in fp32, written as a multiply and a sum, for torch.compile.
+    weight: (N, K) rows, or the same rows in `gemv_blocks` layout (J, N, K/J), which streams
+    faster when K > GEMV_CHUNK.
 
     A decode step at batch 1 multiplies one row of activations by each weight matrix: a GEMV,
     whose time is the time to read the weight. Written this way, inductor makes it one C++
@@ -252,12 +254,10 @@ def gemv(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     (GEMV_ROWS)."""
     x2 = x2.float()
     x2 = torch.as_strided(x2, x2.shape, x2.stride())  # the fusion barrier above
-    (M, K), N = x2.shape, weight.shape[0]
-    J = gemv_chunks(K)
-    if J == 1:
-        return (x2.unsqueeze(-2) * weight.float()).sum(-1)  # (M, 1, K) * (N, K) -> (M, N, K) -> (M, N)
-    x3, w3 = x2.view(M, 1, J, K // J), weight.view(N, J, K // J)
-    return (x3 * w3.float()).sum(-1).sum(-1)  # (M, N, J, K/J) -> (M, N, J) -> (M, N)
+    blocks = weight if weight.dim() == 3 else gemv_blocks(weight, copy=False)  # (J, N, K/J)
+    (M, K), (J, N, KJ) = x2.shape, blocks.shape
+    y = (x2.view(M, J, 1, KJ) * blocks.float()).sum(-1)  # (M, J, 1, K/J) * (J, N, K/J) -> (M, J, N)
+    return y[:, 0] if J == 1 else y.sum(1)  # (M, N)
 
 
 GEMV_CHUNK = 2048  # the longest sum `gemv` lets inductor write as one loop (see gemv_chunks)
@@ -267,14 +267,32 @@ def gemv_chunks(K: int) -> int:
     """How many equal chunks `gemv` sums a row of K inputs in: the fewest of at most GEMV_CHUNK.
     Over 4096 inputs inductor sums through a CascadeSumHelper (for accuracy), which ran 5x
     slower: 1.4b's 8192-input dense_4h_to_h streamed 3.2 GB/s (int8, one thread) against 15
-    for its 2048-input layers. Chunks of 2048 measured best among 512-4096: 8.6 GB/s there,
-    and 12.5 against 6.9 for 410m's 4096-input layer (one loop without the helper). Why 8192
-    inputs stay at half the rate of 2048 in chunks too is not yet understood (the loops
-    inductor writes are the same)."""
+    for its 2048-input layers. Chunks of 2048 measured best among 512-4096."""
     J = -(-K // GEMV_CHUNK)
     while K % J:
         J += 1
     return J
+
+
+def gemv_blocks(weight: torch.Tensor, copy: bool = True) -> torch.Tensor:
+    """weight (N, K) -> (J, N, K/J), J = gemv_chunks(K): block j holds inputs [j K/J, (j+1) K/J)
+    of every row, contiguous when `copy` (a view of weight when J == 1, nothing copied).
+
+    Summed in chunks straight from (N, K) rows, an 8192-input matrix streamed at half the rate
+    of a 2048-input one (int8, one thread: 8.2 against 16.3 G weights/s, 2048 x 8192 from
+    memory); stored as blocks, each a plain 2048-input matrix read front to back, it streams
+    at 16.1. So layers that decode through `gemv` (DecodeLinear, an Int8Linear after
+    prepare_for_cpu(compile=True)) keep their weight in this layout."""
+    N, K = weight.shape
+    J = gemv_chunks(K)
+    blocks = weight.view(N, J, K // J).transpose(0, 1)  # (J, N, K/J)
+    return blocks.contiguous() if copy else blocks
+
+
+def gemv_rows(blocks: torch.Tensor) -> torch.Tensor:
+    """The (N, K) rows of a `gemv_blocks` weight (J, N, K/J): a copy when J > 1."""
+    J, N, KJ = blocks.shape
+    return blocks[0] if J == 1 else blocks.transpose(0, 1).reshape(N, J * KJ)
 
 
 def use_gemv(x2: torch.Tensor) -> bool:
@@ -283,28 +301,51 @@ def use_gemv(x2: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() and x2.device.type == "cpu" and x2.shape[0] <= GEMV_ROWS
 
 
-class DecodeLinear(nn.Linear):
-    """An nn.Linear (same weight, same state_dict) whose batch-1 decode products, when
-    torch.compile traces it on CPU, run as `gemv`; F.linear otherwise (prompts, batches, eager).
+class DecodeLinear(nn.Module):
+    """A linear layer whose batch-1 decode products, when torch.compile traces it on CPU, run
+    as `gemv`; F.linear otherwise (prompts, batches, eager), block by block. Its weight is
+    kept in `gemv_blocks` layout, (J, N, K/J); its state_dict is nn.Linear's, (N, K).
     prepare_for_cpu(model, compile=True) gives these to a full-precision model."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(gemv_blocks(weight.detach()), requires_grad=False)  # (J, N, K/J)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "DecodeLinear":
-        """The same layer, sharing linear's parameters (nothing is copied)."""
-        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
-        new.weight, new.bias = linear.weight, linear.bias
-        return new
+        """The same layer. Its weight is shared (nothing copied) when K <= GEMV_CHUNK."""
+        return cls(linear.weight, linear.bias)
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if not use_gemv(x2):
-            return F.linear(x, self.weight, self.bias)
-        y = gemv(x2, self.weight)  # (M, N) fp32
-        y = y if self.bias is None else y + self.bias.float()
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        if use_gemv(x2):
+            y = gemv(x2, self.weight)  # (M, N) fp32
+            y = (y if self.bias is None else y + self.bias.float()).to(x.dtype)
+        else:  # one F.linear per block of inputs, summed
+            parts = x2.split(self.weight.shape[-1], dim=-1)  # J x (M, K/J)
+            y = F.linear(parts[0], self.weight[0], self.bias)
+            for part, block in zip(parts[1:], self.weight[1:]):
+                y = torch.addmm(y, part, block.t())
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = gemv_rows(self.weight if keep_vars else self.weight.detach())
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        if prefix + "weight" in state_dict:
+            state_dict = dict(state_dict)
+            state_dict[prefix + "weight"] = gemv_blocks(state_dict[prefix + "weight"])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def extra_repr(self):
-        return super().extra_repr() + ", gemv when compiled"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"gemv when compiled ({self.weight.shape[0]} blocks)")
 
 
 # ------------------------------------------------------------------- modules
@@ -341,6 +382,7 @@ class Int8Linear(nn.Module):
         self.exact_top_k = exact_top_k
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.onednn = q.device.type == "cpu" and onednn_int8_native() if onednn is None else onednn  # None: by the CPU
+        self.blocked = False  # plain rows in gemv_blocks layout (use_blocks)
         self._pack(q, scale)
 
     def _pack(self, q: torch.Tensor, scale: torch.Tensor) -> None:
@@ -350,19 +392,30 @@ class Int8Linear(nn.Module):
             self.register_buffer("weight_scale", scale.float())  # oneDNN scales in fp32 (exact: bf16 in fp32)
             self.register_buffer("weight_zero", torch.zeros(self.out_features, dtype=torch.long), persistent=False)
         else:
-            self.register_buffer("weight", q)  # (N, K) int8
+            self.register_buffer("weight", gemv_blocks(q) if self.blocked else q)  # (N, K) or (J, N, K/J) int8
             self.register_buffer("weight_scale", scale.to(torch.bfloat16))  # (N,), bf16 as the kernels take it
 
     def canonical(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q (N, K) int8, scale (N,) bf16): the device-independent form."""
         q = self.weight.to_dense().t().contiguous() if self.onednn else self.weight
+        q = gemv_rows(q) if self.blocked else q
         return q, self.weight_scale.to(torch.bfloat16)
 
     def use_onednn(self, onednn: bool) -> None:
         """Move the weight to oneDNN's kernel (True) or to the plain rows of the others (False)."""
         if onednn != self.onednn:
             q, scale = self.canonical()
-            self.onednn = onednn
+            self.onednn, self.blocked = onednn, False
+            self._pack(q, scale)
+
+    def use_blocks(self, blocked: bool) -> None:
+        """Keep plain rows in `gemv_blocks` layout (True), which a compiled decode step streams
+        fastest, or as (N, K) (False). Not for oneDNN's weight."""
+        if blocked != self.blocked:
+            if self.onednn:
+                raise ValueError("use_blocks is for plain int8 rows; call use_onednn(False) first.")
+            q, scale = self.canonical()
+            self.blocked = blocked
             self._pack(q, scale)
 
     def forward(self, x):
@@ -376,14 +429,18 @@ class Int8Linear(nn.Module):
             y = (y * s if self.bias is None else torch.addcmul(self.bias, y, s)).to(x.dtype)
             return y.view(*shape[:-1], self.out_features)
         elif self.weight.is_cuda:  # a GEMV with the cast fused in under torch.compile (gpt-fast's int8)
-            y = F.linear(x2, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
+            y = F.linear(x2, self.canonical()[0].to(x.dtype)) * self.weight_scale.to(x.dtype)
         elif use_gemv(x2):  # compiled batch-1 decode: exact fp32 products, no bf16 rounding
             y = (gemv(x2, self.weight) * self.weight_scale.float()).to(x.dtype)  # (M, N)
         else:  # torch's CPU kernel is vectorized for bf16 activations only (bench/quant_kernels.py);
             # it also crashes on inputs that are not 16-byte aligned (torch 2.13, AVX-512: a view at
             # an 8-byte offset segfaults), so x always gets a fresh (64-byte aligned) copy
-            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16, memory_format=torch.contiguous_format, copy=True),
-                                          self.weight, self.weight_scale).to(x.dtype)
+            blocks = self.weight if self.blocked else self.weight[None]  # (J, N, K/J)
+            y = 0
+            for part, block in zip(x2.split(blocks.shape[-1], dim=-1), blocks):  # in fp32 when J > 1
+                y = y + torch._weight_int8pack_mm(part.to(torch.bfloat16, memory_format=torch.contiguous_format,
+                                                          copy=True), block, self.weight_scale).float()
+            y = y.to(x.dtype)
             if self.exact_top_k and x.dtype == torch.float32:
                 y = self._exact_top(x2, y)
         if self.bias is not None:
@@ -395,9 +452,16 @@ class Int8Linear(nn.Module):
         top = y.topk(min(self.exact_top_k, self.out_features), dim=-1).indices  # (M, k)
         exact = []
         for xs, ids in zip(x2.split(16), top.split(16)):  # 16 rows at a time: a small (16, k, K) temporary
-            rows = self.weight[ids].float() * self.weight_scale[ids].float()[..., None]  # (m, k, K)
+            rows = self._rows(ids).float() * self.weight_scale[ids].float()[..., None]  # (m, k, K)
             exact.append(torch.einsum("mK,mkK->mk", xs.float(), rows))
         return y.scatter(1, top, torch.cat(exact))
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The int8 rows `ids` (...) of the weight: (..., K)."""
+        if not self.blocked:
+            return self.weight[ids]
+        picked = self.weight[:, ids]  # (J, ..., K/J)
+        return picked.movedim(0, -2).flatten(-2)  # (..., J, K/J) -> (..., K)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         q, scale = self.canonical()
@@ -420,7 +484,7 @@ class Int8Linear(nn.Module):
                 self.bias.copy_(state_dict[prefix + "bias"])
 
     def extra_repr(self):
-        kernel = "oneDNN int8 x 2 digits" if self.onednn else "bf16 activations"
+        kernel = "oneDNN int8 x 2 digits" if self.onednn else "bf16 activations" + (", gemv blocks" if self.blocked else "")
         return (f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel, {kernel}"
                 + (f", exact top {self.exact_top_k}" if self.exact_top_k and not self.onednn else ""))
 
@@ -694,8 +758,9 @@ def prepare_for_cpu(model: nn.Module, compile: bool = False) -> nn.Module:
     once for oneDNN. fp16 models keep F.linear, which runs torch's own fp16 GEMV at batch 1
     (oneDNN's fp16 needs AVX512-FP16 or AMX-FP16, and uses those where present).
     compile=True (for generate(..., compile=True)): each nn.Linear becomes a DecodeLinear, the
-    same plain weight, which the compiled decode step multiplies as a `gemv`; an int8 model's
-    layers move to plain int8 rows, for the same reason. int4 layers keep their kernel.
+    same weight in `gemv_blocks` layout, which the compiled decode step multiplies as a `gemv`;
+    an int8 model's layers move to plain int8 rows in that layout, for the same reason. int4
+    layers keep their kernel. Prepare last: a DecodeLinear is no nn.Linear to quantize_model.
     Models on other devices are left as they are. In place; returns the model. Undo by saving
     and loading: the state_dict is plain.
     """
@@ -706,6 +771,7 @@ def prepare_for_cpu(model: nn.Module, compile: bool = False) -> nn.Module:
         for m in model.modules():
             if isinstance(m, Int8Linear) and m.weight_scale.device.type == "cpu":
                 m.use_onednn(False)
+                m.use_blocks(True)
         return model
     if not layers:
         return model

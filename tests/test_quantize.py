@@ -291,7 +291,7 @@ def test_compiled_batch1_products_are_a_gemv_and_exact(kind):
         weight = layer.weight.double() * layer.weight_scale.double()[:, None]
     else:
         layer = Q.DecodeLinear.from_linear(linear.to(dtype))
-        weight = layer.weight.double()
+        weight = Q.gemv_rows(layer.weight).double()
     x = torch.randn(1, 1, 256).to(dtype)
     with torch.no_grad():
         y, code = compiled_code(lambda x: layer(torch.nn.functional.gelu(x)), x)
@@ -316,6 +316,54 @@ def test_compiled_gemv_sums_long_rows_in_chunks(K, chunks):
     assert "CascadeSumHelper" not in code
     ref = x.double() @ w.double().T
     assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_compiled_gemv_on_blocks_equals_rows():
+    """gemv_blocks stores inputs [j K/J, (j+1) K/J) of every row as block j, contiguous;
+    gemv_rows undoes it; compiled gemv on the blocks gives the rows' product."""
+    torch.manual_seed(0)
+    x, w = torch.randn(1, 8192), torch.randint(-127, 128, (8, 8192), dtype=torch.int8)
+    blocks = Q.gemv_blocks(w)
+    assert blocks.shape == (4, 8, 2048) and blocks.is_contiguous()
+    assert torch.equal(blocks[1, 3], w[3, 2048:4096]) and torch.equal(Q.gemv_rows(blocks), w)
+    small = torch.randn(8, 2048)
+    assert Q.gemv_blocks(small).data_ptr() == small.data_ptr()  # one block: a view, nothing copied
+    with torch.no_grad():
+        y, code = compiled_code(Q.gemv, x, blocks)
+    assert "CascadeSumHelper" not in code
+    ref = x.double() @ w.double().T
+    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8"])
+def test_blocked_layers_keep_a_plain_state_dict_and_eager_results(kind):
+    """A layer with more inputs than GEMV_CHUNK in gemv_blocks layout (DecodeLinear, an
+    Int8Linear after use_blocks): the state_dict is the plain layer's, loading it back restores
+    the blocks, and the eager product (prompts) equals the plain layer's."""
+    torch.manual_seed(0)
+    linear = nn.Linear(4096, 96)
+    x = torch.randn(3, 4096)
+    if kind == "int8":
+        plain = Q.Int8Linear(*Q.quantize_int8(linear.weight.detach()), linear.bias, onednn=False, exact_top_k=4)
+        layer = Q.Int8Linear(*plain.canonical(), linear.bias, onednn=False, exact_top_k=4)
+        layer.use_blocks(True)
+        assert layer.weight.shape == (2, 96, 2048)
+        tol = 1e-2  # bf16 activations in torch's kernel (per block, summed in fp32)
+    else:
+        plain, layer, tol = linear, Q.DecodeLinear.from_linear(linear), 1e-5
+        assert layer.weight.shape == (2, 96, 2048)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    assert state.keys() == plain.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in plain.state_dict().items())
+    with torch.no_grad():
+        want, got = plain(x), layer(x)
+        assert (got - want).abs().max() <= tol * want.abs().max()
+        if kind == "int8":  # the exact top rows come from the blocks too
+            assert torch.equal(layer._rows(torch.tensor([[5, 7]])), plain.weight[torch.tensor([[5, 7]])])
+        for p in layer.parameters():
+            p.zero_()
+        layer.load_state_dict(state)
+        assert torch.equal(layer(x), got)
 
 
 @pytest.mark.parametrize("mode", [None, "int8"])
