@@ -167,7 +167,8 @@ class Engine:
         the model's whole window (max_position_embeddings), allocated here, once.
     max_queue: requests that may wait for a slot; one more raises QueueFullError.
     compile: decode through `compiled_decode_step` (all slots every step; on CUDA one graph
-        per window length, on CPU one graph for all: `window_length`); eager decoding runs only the slots up to the highest busy one.
+        per window length, on CPU one graph for all: `window_length`); eager decoding runs
+        only the slots up to the highest busy one.
     `start()` starts the engine thread; `close()` ends every request (finish_reason
     "shutdown") and stops it.
     """

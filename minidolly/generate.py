@@ -324,8 +324,10 @@ def decode(model: GPTNeoX, prompts: list[list[int]], *, max_new_tokens: int, tem
     cache = generation_cache(model, B, max(lengths) + max_new_tokens, reuse=compile)
     step_fn = compiled_decode_step(device) if compile else decode_step
     slots = cache.batch_size  # >= B: a kept cache may have more; the spare slots decode garbage
-    graphs = compile and device.type != "cpu"  # CUDA graphs: one per window length (window_length)
-    windows = {}  # length -> the view of the cache a decode step reads
+    # The view of the cache each step reads: the least window that holds the furthest row, one
+    # dynamic graph for all when compiled on CPU; under CUDA graphs the kept cache whole.
+    graphs = compile and device.type != "cpu"
+    windows = {}  # length -> KVCache.window
     generators = None
     if seed is not None and temperature > 0:
         generators = [torch.Generator(device=device).manual_seed(seed) for _ in range(B)]
@@ -353,9 +355,9 @@ def decode(model: GPTNeoX, prompts: list[list[int]], *, max_new_tokens: int, tem
         if step == max_new_tokens - 1 or all(done):
             break
         # A stopped row keeps decoding the token it drew; its outputs are never read.
-        window = window_length(max(lengths) + step, cache.max_length, graphs)
+        window = cache.max_length if graphs else window_length(max(lengths) + step, cache.max_length, False)
         if window not in windows:
-            windows[window] = cache.window(window, dynamic=compile and not graphs)
+            windows[window] = cache if graphs else cache.window(window, dynamic=compile)
         logits = step_fn(model, windows[window], torch.nn.functional.pad(token, (0, slots - B)), positions)  # (slots, V)
         positions = positions + 1
     if stats is not None:
