@@ -372,8 +372,9 @@ class Int8Linear(nn.Module):
     CPU (the batch-1 decode step after prepare_for_cpu(model, compile=True)): `gemv`, inductor's
     own loop over the int8 rows, exact fp32 products times the row scale, the fastest of the three
     at one row (docs/generation.md, "Compiled decode on CPU").
-    `weight` is in the kernel's layout (oneDNN's is opaque); the state_dict holds the canonical
-    (q (N, K) int8, scale (N,) bf16) either way."""
+    `weight` is in the kernel's layout (oneDNN's is opaque; plain rows (N, K), or (J, N, K/J)
+    after use_blocks for `gemv`); the state_dict holds the canonical (q (N, K) int8, scale (N,)
+    bf16) either way."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, exact_top_k: int = 0,
                  onednn: bool | None = None):
