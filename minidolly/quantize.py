@@ -430,18 +430,17 @@ class Int8Linear(nn.Module):
             y = (y * s if self.bias is None else torch.addcmul(self.bias, y, s)).to(x.dtype)
             return y.view(*shape[:-1], self.out_features)
         elif self.weight.is_cuda:  # a GEMV with the cast fused in under torch.compile (gpt-fast's int8)
-            y = F.linear(x2, self.canonical()[0].to(x.dtype)) * self.weight_scale.to(x.dtype)
+            y = F.linear(x2, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)  # (prepare blocks CPU layers only)
         elif use_gemv(x2):  # compiled batch-1 decode: exact fp32 products, no bf16 rounding
             y = (gemv(x2, self.weight) * self.weight_scale.float()).to(x.dtype)  # (M, N)
         else:  # torch's CPU kernel is vectorized for bf16 activations only (bench/quant_kernels.py);
             # it also crashes on inputs that are not 16-byte aligned (torch 2.13, AVX-512: a view at
             # an 8-byte offset segfaults), so x always gets a fresh (64-byte aligned) copy
             blocks = self.weight if self.blocked else self.weight[None]  # (J, N, K/J)
-            y = 0
-            for part, block in zip(x2.split(blocks.shape[-1], dim=-1), blocks):  # in fp32 when J > 1
-                y = y + torch._weight_int8pack_mm(part.to(torch.bfloat16, memory_format=torch.contiguous_format,
-                                                          copy=True), block, self.weight_scale).float()
-            y = y.to(x.dtype)
+            ys = [torch._weight_int8pack_mm(part.to(torch.bfloat16, memory_format=torch.contiguous_format, copy=True),
+                                            block, self.weight_scale)
+                  for part, block in zip(x2.split(blocks.shape[-1], dim=-1), blocks)]  # J x (M, N) bf16
+            y = (ys[0] if len(ys) == 1 else torch.stack(ys).float().sum(0)).to(x.dtype)  # blocks summed in fp32
             if self.exact_top_k and x.dtype == torch.float32:
                 y = self._exact_top(x2, y)
         if self.bias is not None:
