@@ -28,7 +28,7 @@ average is printed before and after. Per row:
     tok/s       1 / the median decode step (each step ends with the token read on the host)
     prefill ms  the 32-token prompt to the first token
     MB/token    bytes of weights a decode step reads: every parameter and buffer (quantized
-                weights are buffers) but the token embedding, of which it reads one row; for
+                weights are buffers, or fbgemm's packed int8) but the token embedding, of which it reads one row; for
                 llama.cpp, every tensor of the GGUF file but token_embd
     GB/s        MB/token x tok/s, and "of probe": that over what torch.mv reads from memory
                 (a 256 MiB fp32 matrix, far past the caches) between the rows of the same run
@@ -123,8 +123,12 @@ def peak_rss_bytes() -> int:
 
 def weight_bytes(model, skip: str) -> int:
     """Bytes of every parameter and buffer of `model` (each storage once) but those whose name
-    starts with `skip` (the token embedding: a decode step reads one row of it)."""
-    seen, total = set(), 0
+    starts with `skip` (the token embedding: a decode step reads one row of it), and of every
+    int8 weight fbgemm packed (an object, not a tensor: one byte a weight)."""
+    from minidolly.quantize import Int8Linear
+
+    total = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Int8Linear) and m.fbgemm)
+    seen = set()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if name.startswith(skip) or t.is_meta:
             continue

@@ -17,8 +17,9 @@ bandwidth probe (fp32, a 256 MiB matrix) measured in the same run. Kernels
     fp32 / bf16 / fp16 linear   F.linear in that dtype (MKL, oneDNN, or torch's own GEMV)
     bf16 linear, no oneDNN      F.linear in bf16 with oneDNN switched off: torch's own GEMV
     fp32 / bf16 onednn packed   the weight reordered once into oneDNN's blocked layout
-    int8 onednn digits          oneDNN's int8 GEMM (VNNI) on the prepacked int8 weight, the fp32
-                                activations as two int8 digits per row (minidolly's Int8Linear)
+    int8 fbgemm digits          fbgemm's int8 GEMM (VNNI) on the prepacked int8 weight, the fp32
+                                activations as two int8 digits per row (minidolly's Int8Linear),
+                                eager and through torch.compile ("compiled")
     int8 pack_mm                torch._weight_int8pack_mm: int8 weight, one scale per row
     int8 dequant                w.to(x.dtype), F.linear, times the scales (eager)
     int8 compiled               the same three ops through torch.compile (inductor C++)
@@ -79,8 +80,11 @@ def candidates(W: torch.Tensor, compile: bool, group_sizes: list[int]) -> dict:
         out["bf16 onednn packed"] = ((torch.ops.mkldnn._reorder_linear_weight(W.to(BF16), Q.PACK_BATCH),), onednn, BF16, 2 * N * K)
 
     q8, s8 = Q.quantize_int8(W)
-    if Q.onednn_int8_native():
-        out["int8 onednn digits/f32"] = ((Q.Int8Linear(q8, s8, None, onednn=True),), lambda x, m: m(x), FP32, N * K)
+    if Q.fbgemm_int8_native():
+        out["int8 fbgemm digits/f32"] = ((Q.Int8Linear(q8, s8, None, fbgemm=True),), lambda x, m: m(x), FP32, N * K)
+        if compile:
+            out["int8 fbgemm digits compiled/f32"] = ((Q.Int8Linear(q8, s8, None, fbgemm=True),),
+                                                      torch.compile(lambda x, m: m(x), dynamic=False), FP32, N * K)
     for act in (FP32, BF16, FP16):
         out[f"int8 pack_mm/{SHORT[act]}"] = ((q8, s8.to(act)), torch._weight_int8pack_mm, act, N * K)
     dequant8 = lambda x, q, s: F.linear(x, q.to(x.dtype)) * s  # noqa: E731
@@ -151,9 +155,7 @@ def copies(weights: tuple, nbytes: int, pool_bytes: int) -> list[tuple]:
 
 
 def clone(w):
-    """A copy of a weight tensor or module (Int8Linear's oneDNN weight is opaque: rebuilt from its canonical form)."""
-    if isinstance(w, Q.Int8Linear):
-        return Q.Int8Linear(*w.canonical(), w.bias, onednn=w.onednn)
+    """A copy of a weight tensor or module."""
     return copy.deepcopy(w) if isinstance(w, torch.nn.Module) else w.clone()
 
 

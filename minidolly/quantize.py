@@ -42,10 +42,13 @@ scales and zeros as (out_features, in_features / group_size) tensors.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._library.opaque_object import get_opaque_type_name, register_opaque_type
+from torch._opaque_base import OpaqueBase
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept, on CPU and CUDA
@@ -216,14 +219,6 @@ def onednn_bf16_native() -> bool:
     return onednn_bf16_supported() and bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
-def onednn_int8_native() -> bool:
-    """Whether the CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8), on
-    which oneDNN's int8 GEMM streams weights at memory speed. Without them it falls back to
-    instructions that saturate 16-bit sums of the uint8 x int8 products, which the int8
-    digits of Int8Linear would hit, so such CPUs keep torch's bf16 kernel."""
-    return torch.backends.mkldnn.is_available() and bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
-
-
 def onednn_fp16_native() -> bool:
     """Whether oneDNN runs fp16 matmuls in hardware here (AVX512-FP16 or AMX-FP16)."""
     return (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
@@ -356,78 +351,75 @@ class DecodeLinear(nn.Module):
 class Int8Linear(nn.Module):
     """nn.Linear with an int8 weight and one scale per output row: y = (x @ q.T) * scale + bias.
 
-    Two kernels, chosen where the module is built (bench/quant_kernels.py measured them):
-      - CPUs with int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX-INT8): oneDNN's
-        int8 GEMM (torch.ops.onednn.qlinear_pointwise, the op of torch's own x86 quantization
-        backend) on a weight it reordered once. It multiplies int8 by int8, so the activations
-        are written as two int8 digits, x ≈ s (d1 + d2 / 254) per row (`int8_digits`): one GEMM
-        with two rows per token reads the weight once and gives the product to ~16 bits,
-        summed in int32, scaled in fp32, output in fp32. 1.3-1.9x faster than the bf16 kernel
-        below and ~20x more accurate (no bf16 rounding of the input or the output).
-      - elsewhere: torch._weight_int8pack_mm (CPU, bf16 activations; its output is rounded to
-        bf16, so embed_out recomputes its `exact_top_k` largest logits in fp32 from the same
-        int8 rows, see _exact_top), or on CUDA w.to(x.dtype), F.linear and the scales, which
-        torch.compile fuses into one GEMV as gpt-fast does.
-    And a third, for plain rows (onednn=False) while torch.compile traces a one-row product on
-    CPU (the batch-1 decode step after prepare_for_cpu(model, compile=True)): `gemv`, inductor's
-    own loop over the int8 rows, exact fp32 products times the row scale, the fastest of the three
-    at one row (docs/generation.md, "Compiled decode on CPU").
-    `weight` is in the kernel's layout (oneDNN's is opaque; plain rows (N, K), or (J, N, K/J)
+    Three kernels, chosen where the module is built (bench/quant_kernels.py measured them):
+      - x86 CPUs whose fbgemm multiplies int8 exactly (fbgemm_int8_native: VNNI or AMX):
+        fbgemm's int8 GEMM, the kernel of torch's x86 quantization backends, on a weight it
+        packed once (FbgemmWeight). It multiplies uint8 by int8 with the CPU's dot-product
+        instructions, so the activations are written as two int8 digits, x ≈ s (d1 + d2 / 254)
+        per row (`int8_digits`): one GEMM with two rows per token reads the weight once and
+        gives the product to ~16 bits, summed in int32, scaled in fp32, fp32 out. At batch 1
+        it streams the weight near memory speed, eager or compiled (a custom op, below).
+      - elsewhere on CPU: torch._weight_int8pack_mm with bf16 activations (its output is rounded
+        to bf16, so embed_out recomputes its `exact_top_k` largest logits in fp32 from the same
+        int8 rows, see _exact_top); and while torch.compile traces a one-row product (the batch-1
+        decode step after prepare_for_cpu(model, compile=True)) `gemv`, inductor's own loop over
+        the int8 rows, exact fp32 products times the row scale.
+      - CUDA: w.to(x.dtype), F.linear and the scales, which torch.compile fuses into one GEMV
+        as gpt-fast does.
+    `weight` is in the kernel's layout (fbgemm's packed object; plain rows (N, K), or (J, N, K/J)
     after use_blocks for `gemv`); the state_dict holds the canonical (q (N, K) int8, scale (N,)
     bf16) either way."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, exact_top_k: int = 0,
-                 onednn: bool | None = None):
+                 fbgemm: bool | None = None):
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.exact_top_k = exact_top_k
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        self.onednn = q.device.type == "cpu" and onednn_int8_native() if onednn is None else onednn  # None: by the CPU
+        self.fbgemm = q.device.type == "cpu" and fbgemm_int8_native() if fbgemm is None else fbgemm  # None: by the CPU
         self.blocked = False  # plain rows in gemv_blocks layout (use_blocks)
         self._pack(q, scale)
 
     def _pack(self, q: torch.Tensor, scale: torch.Tensor) -> None:
-        """Canonical (q, scale) into the buffers of this module's kernel."""
-        if self.onednn:
-            self.register_buffer("weight", torch.ops.onednn.qlinear_prepack(q.contiguous(), None))  # opaque (K, N)
-            self.register_buffer("weight_scale", scale.float())  # oneDNN scales in fp32 (exact: bf16 in fp32)
-            self.register_buffer("weight_zero", torch.zeros(self.out_features, dtype=torch.long), persistent=False)
+        """Canonical (q, scale) into this module's kernel layout."""
+        if self.fbgemm:
+            self.weight = FbgemmWeight(q)  # an object, not a buffer: .to() cannot move it
+            self.register_buffer("weight_scale", scale.float())  # (N,), applied after the GEMM in fp32
         else:
             self.register_buffer("weight", gemv_blocks(q) if self.blocked else q)  # (N, K) or (J, N, K/J) int8
             self.register_buffer("weight_scale", scale.to(torch.bfloat16))  # (N,), bf16 as the kernels take it
 
     def canonical(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q (N, K) int8, scale (N,) bf16): the device-independent form."""
-        q = self.weight.to_dense().t().contiguous() if self.onednn else self.weight
-        q = gemv_rows(q) if self.blocked else q
+        q = self.weight.rows() if self.fbgemm else gemv_rows(self.weight) if self.blocked else self.weight
         return q, self.weight_scale.to(torch.bfloat16)
 
-    def use_onednn(self, onednn: bool) -> None:
-        """Move the weight to oneDNN's kernel (True) or to the plain rows of the others (False)."""
-        if onednn != self.onednn:
+    def use_fbgemm(self, fbgemm: bool) -> None:
+        """Move the weight to fbgemm's kernel (True) or to the plain rows of the others (False)."""
+        if fbgemm != self.fbgemm:
             q, scale = self.canonical()
-            self.onednn, self.blocked = onednn, False
+            del self.weight, self.weight_scale
+            self.fbgemm, self.blocked = fbgemm, False
             self._pack(q, scale)
 
     def use_blocks(self, blocked: bool) -> None:
         """Keep plain rows in `gemv_blocks` layout (True), which a compiled decode step streams
-        fastest, or as (N, K) (False). Not for oneDNN's weight."""
+        fastest, or as (N, K) (False). Not for fbgemm's weight."""
         if blocked != self.blocked:
-            if self.onednn:
-                raise ValueError("use_blocks is for plain int8 rows; call use_onednn(False) first.")
+            if self.fbgemm:
+                raise ValueError("use_blocks is for plain int8 rows; call use_fbgemm(False) first.")
             q, scale = self.canonical()
             self.blocked = blocked
             self._pack(q, scale)
 
     def forward(self, x):
         shape, x2 = x.shape, x.reshape(-1, self.in_features)  # (M, K)
-        if self.onednn:
-            digits, s = int8_digits(x2)  # (2M, K) uint8, (M, 1)
-            gemm = onednn_int8_linear if torch.compiler.is_compiling() else int8_gemm  # eager: no custom-op dispatch
-            y2 = gemm(digits, self.weight, self.weight_scale, self.weight_zero)  # (2M, N) fp32
+        if self.fbgemm:
             M = x2.shape[0]
-            y = torch.add(y2[:M], y2[M:], alpha=1 / 254)  # the digits' products, summed
-            y = (y * s if self.bias is None else torch.addcmul(self.bias, y, s)).to(x.dtype)
+            digits, s = int8_digits(x2)  # (2M, K) fp32 integers in [-127, 127], (M, 1)
+            y2 = torch.ops.minidolly.fbgemm_int8_mm(digits, self.weight, self.out_features)  # (2M, N) fp32: digits @ q.T
+            y = torch.add(y2[:M], y2[M:], alpha=1 / 254) * s * self.weight_scale  # (M, N)
+            y = (y if self.bias is None else y + self.bias).to(x.dtype)
             return y.view(*shape[:-1], self.out_features)
         elif self.weight.is_cuda:  # a GEMV with the cast fused in under torch.compile (gpt-fast's int8)
             y = F.linear(x2, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)  # (prepare blocks CPU layers only)
@@ -478,49 +470,108 @@ class Int8Linear(nn.Module):
         if missing:
             return
         q, scale = (state_dict[prefix + n].to(self.weight_scale.device, copy=True) for n in names[:2])
+        del self.weight, self.weight_scale
         self._pack(q, scale)
         if self.bias is not None:
             with torch.no_grad():
                 self.bias.copy_(state_dict[prefix + "bias"])
 
     def extra_repr(self):
-        kernel = "oneDNN int8 x 2 digits" if self.onednn else "bf16 activations" + (", gemv blocks" if self.blocked else "")
+        kernel = "fbgemm int8 x 2 digits" if self.fbgemm else "bf16 activations" + (", gemv blocks" if self.blocked else "")
         return (f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel, {kernel}"
-                + (f", exact top {self.exact_top_k}" if self.exact_top_k and not self.onednn else ""))
+                + (f", exact top {self.exact_top_k}" if self.exact_top_k and not self.fbgemm else ""))
 
 
 def int8_digits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) float -> (digits (2M, K) uint8, s (M, 1) fp32) with x ≈ s (d1 + d2 / 254).
+    """x (M, K) float -> (digits (2M, K) fp32, s (M, 1) fp32) with x ≈ s (d1 + d2 / 254).
 
     Row m's scale s maps its largest |x| to 127; d1 = round(x / s) and d2 = round(254 (x / s - d1)),
-    both in [-127, 127], stored + 128 (oneDNN's uint8 activations with zero point 128): rows
-    [0, M) hold d1, rows [M, 2M) hold d2. The error is at most s / 508, 2^-16 of the row's
-    largest value: an int8 GEMM on the digits is as exact as one on 16-bit activations."""
+    both integers in [-127, 127]: rows [0, M) hold d1, rows [M, 2M) hold d2 (fbgemm stores
+    each + 128 as uint8, exactly). The error is at most s / 508, 2^-16 of the row's largest
+    value: an int8 GEMM on the digits is as exact as one on 16-bit activations."""
     x = x.float()
     s = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny) / 127
     u = x / s
     d1 = u.round()
-    d2 = u.sub_(d1).mul_(254).round_()
-    return torch.cat((d1, d2)).add_(128).to(torch.uint8), s
+    d2 = ((u - d1) * 254).round()
+    return torch.cat((d1, d2)), s
 
 
-def int8_gemm(digits: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """(digits - 128) @ q.T * scale in fp32: oneDNN's int8 GEMM with a weight it prepacked
-    (torch.ops.onednn.qlinear_prepack, whose zero points `zero` are all 0)."""
-    return torch.ops.onednn.qlinear_pointwise(digits, 1.0, 128, weight, scale, zero, None, 1.0, 0, torch.float32,
-                                              "none", [], "")
+class FbgemmWeight(OpaqueBase):
+    """An int8 weight q (N, K) packed once for fbgemm's GEMM (torch.ops.quantized.linear_prepack,
+    fbgemm engine, scale 1 and zero point 0: the row scales are applied after the GEMM).
+
+    fbgemm's packed weight is a TorchScript object, which torch.compile cannot hand to an op;
+    this class is registered as an opaque reference type (torch._library.opaque_object), so
+    our op torch.ops.minidolly.fbgemm_int8_mm takes it and a compiled graph receives it as an input, the
+    same graph for every layer and every model."""
+
+    def __init__(self, q: torch.Tensor):
+        self.shape = tuple(q.shape)
+        engine = torch.backends.quantized.engine
+        torch.backends.quantized.engine = "fbgemm"  # linear_prepack packs for the current engine
+        try:
+            with warnings.catch_warnings():  # torch 2.13 marks quantized tensors deprecated (docs/generation.md)
+                warnings.filterwarnings("ignore", message=".*quantized tensor creation functions", category=UserWarning)
+                qtensor = torch._make_per_tensor_quantized_tensor(q.contiguous(), 1.0, 0)
+            self.packed = torch.ops.quantized.linear_prepack(qtensor, None)
+        finally:
+            torch.backends.quantized.engine = engine
+
+    def rows(self) -> torch.Tensor:
+        """The int8 weight q (N, K), unpacked."""
+        return torch.ops.quantized.linear_unpack(self.packed)[0].int_repr()
+
+    def __deepcopy__(self, memo):
+        return FbgemmWeight(self.rows())
+
+    def __getstate__(self):
+        # torch.compile's graph cache pickles a graph's inputs into its key; the compiled code
+        # takes this object as an input, so its shape is all the key needs (and the packed
+        # object does not pickle).
+        return {"shape": self.shape}
+
+    def __setstate__(self, state):
+        raise TypeError("fbgemm's packed int8 weights do not unpickle; save the model's state_dict instead.")
 
 
-@torch.library.custom_op("minidolly::onednn_int8_linear", mutates_args=())
-def onednn_int8_linear(digits: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """int8_gemm as an op of our own, as onednn_linear below, so that torch.compile calls it as
-    it is (its lowering of the oneDNN op expects weights inductor packed itself)."""
-    return int8_gemm(digits, weight, scale, zero)
+register_opaque_type(FbgemmWeight, typ="reference")
 
 
-@onednn_int8_linear.register_fake
-def _(digits, weight, scale, zero):
-    return digits.new_empty(digits.shape[0], scale.shape[0], dtype=torch.float32)
+def _fbgemm_int8_mm(digits: torch.Tensor, weight: FbgemmWeight, out_features: int) -> torch.Tensor:
+    """digits (M, K) fp32 integers in [-127, 127] @ q.T -> (M, out_features) fp32: fbgemm
+    quantizes the digits to uint8 with scale 1 and zero point 128 (exact), multiplies, and
+    converts the int32 sums."""
+    return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(digits, 1.0, 128, weight.packed)
+
+
+# _fbgemm_int8_mm as an op of our own, torch.ops.minidolly.fbgemm_int8_mm, so that torch.compile
+# calls it as it is. Defined with torch.library.Library rather than the @custom_op decorator,
+# whose Python wrapper cost 11 us a call against 3 here: a decode step calls it once per linear
+# layer (97 times at 410m).
+_LIBRARY = torch.library.Library("minidolly", "FRAGMENT")
+_LIBRARY.define(f"fbgemm_int8_mm(Tensor digits, {get_opaque_type_name(FbgemmWeight)} weight, int out_features) -> Tensor")
+_LIBRARY.impl("fbgemm_int8_mm", _fbgemm_int8_mm, "CPU")
+
+
+@torch.library.register_fake("minidolly::fbgemm_int8_mm")
+def _(digits, weight, out_features):
+    return digits.new_empty(digits.shape[0], out_features)
+
+
+@functools.lru_cache(maxsize=None)
+def fbgemm_int8_native() -> bool:
+    """Whether this torch has fbgemm (x86 builds) and its int8 GEMM sums uint8 x int8 products
+    exactly in int32 here: true on CPUs with int8 dot-product instructions (AVX512-VNNI,
+    AMX-INT8), where it also streams weights near memory speed. Without them it adds pairs of
+    products in saturating 16 bits (torch's own quantization then uses 7-bit activations), which
+    the full-range digits of Int8Linear would overflow. So it is probed, not read from the
+    flags: the largest digits times the largest weights against the exact sum."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    q = torch.full((8, 64), 127, dtype=torch.int8)
+    digits = torch.full((2, 64), 127.0)
+    return torch.equal(_fbgemm_int8_mm(digits, FbgemmWeight(q), 8), torch.full((2, 8), 127.0 * 127 * 64))
 
 
 class Int4Linear(nn.Module):
@@ -769,8 +820,7 @@ def prepare_for_cpu(model: nn.Module, compile: bool = False) -> nn.Module:
         for name, linear in layers:
             model.set_submodule(name, DecodeLinear.from_linear(linear))
         for m in model.modules():
-            if isinstance(m, Int8Linear) and m.weight_scale.device.type == "cpu":
-                m.use_onednn(False)
+            if isinstance(m, Int8Linear) and m.weight_scale.device.type == "cpu" and not m.fbgemm:
                 m.use_blocks(True)
         return model
     if not layers:

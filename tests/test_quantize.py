@@ -1,8 +1,10 @@
 """Weight-only quantization: the kernels against a dequantized reference, a quantized model
 against full precision, save/load of a quantized checkpoint, the 16-bit CPU path, the CLI."""
 
+import copy
 import json
 import os
+import pickle
 import struct
 import subprocess
 import sys
@@ -71,7 +73,7 @@ def test_int8_exact_top_logits():
     torch.manual_seed(0)
     linear = nn.Linear(256, 1000, bias=False)
     stored = Q.quantize_to_file_layout(linear.weight.detach(), "int8", None)
-    q = Q.Int8Linear(stored["weight"], stored["weight_scale"], None, Q.EXACT_TOP_K, onednn=False)
+    q = Q.Int8Linear(stored["weight"], stored["weight_scale"], None, Q.EXACT_TOP_K, fbgemm=False)
     assert Q.linear_from_file("embed_out", stored, None, "int8", None).exact_top_k == Q.EXACT_TOP_K
     assert Q.linear_from_file("layers.0.mlp.dense_4h_to_h", stored, None, "int8", None).exact_top_k == 0
     x = torch.randn(40, 256)  # more rows than one 16-row chunk
@@ -80,28 +82,51 @@ def test_int8_exact_top_logits():
     top = ref.topk(Q.EXACT_TOP_K // 2, dim=-1).indices
     assert torch.allclose(y.gather(1, top).double(), ref.gather(1, top), rtol=1e-5, atol=1e-5)
     assert torch.equal(y.argmax(-1), ref.argmax(-1))
-    plain = Q.Int8Linear(stored["weight"], stored["weight_scale"], None, onednn=False)(x).double()
+    plain = Q.Int8Linear(stored["weight"], stored["weight_scale"], None, fbgemm=False)(x).double()
     assert (plain.gather(1, top) - ref.gather(1, top)).abs().max() > 1e-4  # bf16 rounding, what the refit removes
 
 
-@pytest.mark.skipif(not Q.onednn_int8_native(), reason="this CPU has no int8 dot products (VNNI / AMX-INT8)")
-def test_int8_onednn_kernel_is_exact_to_16_bits():
-    """On CPUs with VNNI the int8 module runs oneDNN's int8 GEMM on two int8 digits of the
+@pytest.mark.skipif(not Q.fbgemm_int8_native(), reason="this CPU's fbgemm has no exact int8 dot products (VNNI / AMX-INT8)")
+def test_int8_fbgemm_kernel_is_exact_to_16_bits():
+    """On CPUs with VNNI the int8 module runs fbgemm's int8 GEMM on two int8 digits of the
     activations: its outputs are those of the int8 weights times the unrounded fp32 input to
     ~2^-16, far closer than torch's bf16 kernel (input and output rounded to 8 bits), for a
     row with an outlier and for several rows with scales of their own."""
     torch.manual_seed(0)
     stored = Q.quantize_to_file_layout(torch.randn(300, 512) / 512**0.5, "int8", None)
     q = Q.linear_from_file("embed_out", stored, torch.randn(300), "int8", None)
-    assert q.onednn
+    assert q.fbgemm
     x = torch.randn(2, 3, 512) * torch.tensor([1.0, 100.0, 0.01])[:, None]
     x[0, 0, 7] = 40.0
     ref = x.double() @ (stored["weight"].double() * stored["weight_scale"].double()[:, None]).T + q.bias.double()
     err = ((q(x).double() - ref).abs().amax(-1) / ref.abs().amax(-1)).max()
-    bf16 = Q.Int8Linear(stored["weight"], stored["weight_scale"], q.bias, onednn=False)(x).double()
+    bf16 = Q.Int8Linear(stored["weight"], stored["weight_scale"], q.bias, fbgemm=False)(x).double()
     assert err < 3e-4 and err < ((bf16 - ref).abs().amax(-1) / ref.abs().amax(-1)).max() / 10
-    q2, scale = q.canonical()  # the opaque layout reads back to the stored tensors
+    q2, scale = q.canonical()  # the packed layout reads back to the stored tensors
     assert torch.equal(q2, stored["weight"]) and torch.equal(scale, stored["weight_scale"])
+    copied = copy.deepcopy(q)
+    assert copied.weight is not q.weight and torch.equal(copied(x), q(x))
+    with pytest.raises(TypeError, match="state_dict"):
+        pickle.loads(pickle.dumps(q))
+
+
+@pytest.mark.skipif(not Q.fbgemm_int8_native(), reason="this CPU's fbgemm has no exact int8 dot products (VNNI / AMX-INT8)")
+def test_fbgemm_weight_is_an_input_of_the_compiled_graph():
+    """Under torch.compile the packed fbgemm weight reaches the custom op as a graph input, not
+    a constant baked into the code: two layers of the same shape run through one graph, each
+    with its own weight, and the digits' preparation is fused around the op."""
+    torch.manual_seed(0)
+    layers = [Q.quantize_linear(nn.Linear(128, 192), "int8") for _ in range(2)]
+    assert all(m.fbgemm for m in layers)
+    x = torch.randn(1, 1, 128)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = torch.compile(lambda m, x: m(x), fullgraph=True, dynamic=False)
+    for m in layers + layers[:1]:
+        assert torch.allclose(compiled(m, x), m(x), rtol=1e-5, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not torch.allclose(layers[0](x), layers[1](x))
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -132,7 +157,7 @@ def test_quantized_module_compiles_fullgraph(mode):
         q = Q.linear_from_file("embed_out", stored, None, "int8", None)
     elif mode == "int8 bf16 kernel":  # what CPUs without VNNI run
         stored = Q.quantize_to_file_layout(torch.randn(192, 128), "int8", None)
-        q = Q.Int8Linear(stored["weight"], stored["weight_scale"], None, Q.EXACT_TOP_K, onednn=False)
+        q = Q.Int8Linear(stored["weight"], stored["weight_scale"], None, Q.EXACT_TOP_K, fbgemm=False)
     elif mode == "onednn":
         if not Q.onednn_bf16_supported():
             pytest.skip("oneDNN has no bf16 on this CPU")
@@ -287,7 +312,7 @@ def test_compiled_batch1_products_are_a_gemv_and_exact(kind):
     linear = nn.Linear(256, 200)
     dtype = torch.bfloat16 if kind == "bf16" else torch.float32
     if kind == "int8":
-        layer = Q.Int8Linear(*Q.quantize_int8(linear.weight.detach()), linear.bias, onednn=False)
+        layer = Q.Int8Linear(*Q.quantize_int8(linear.weight.detach()), linear.bias, fbgemm=False)
         weight = layer.weight.double() * layer.weight_scale.double()[:, None]
     else:
         layer = Q.DecodeLinear.from_linear(linear.to(dtype))
@@ -344,8 +369,8 @@ def test_blocked_layers_keep_a_plain_state_dict_and_eager_results(kind):
     linear = nn.Linear(4096, 96)
     x = torch.randn(3, 4096)
     if kind == "int8":
-        plain = Q.Int8Linear(*Q.quantize_int8(linear.weight.detach()), linear.bias, onednn=False, exact_top_k=4)
-        layer = Q.Int8Linear(*plain.canonical(), linear.bias, onednn=False, exact_top_k=4)
+        plain = Q.Int8Linear(*Q.quantize_int8(linear.weight.detach()), linear.bias, fbgemm=False, exact_top_k=4)
+        layer = Q.Int8Linear(*plain.canonical(), linear.bias, fbgemm=False, exact_top_k=4)
         layer.use_blocks(True)
         assert layer.weight.shape == (2, 96, 2048)
         tol = 1e-2  # bf16 activations in torch's kernel (per block, summed in fp32)
@@ -379,7 +404,8 @@ def test_prepare_for_cpu_compile_decodes_as_eager(ckpt, mode):
     if mode is None:
         assert isinstance(model.layers[0].mlp.dense_4h_to_h, Q.DecodeLinear)
     else:
-        assert not model.embed_out.onednn
+        int8 = model.embed_out  # fbgemm's kernel where the CPU has it, inductor's gemv on blocks elsewhere
+        assert int8.fbgemm == Q.fbgemm_int8_native() and int8.blocked == (not int8.fbgemm)
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in eager.state_dict().items())
     torch._dynamo.reset()
@@ -389,7 +415,7 @@ def test_prepare_for_cpu_compile_decodes_as_eager(ckpt, mode):
         for pos, token in enumerate(IDS[0].tolist()):
             args = torch.tensor([token]), torch.tensor([pos])
             a, b = decode_step(eager, caches[0], *args), step(model, caches[1], *args)
-            # int8 eager rounds activations to bf16 (torch's kernel) or 16 bits (oneDNN's digits)
+            # int8 eager rounds activations to bf16 (torch's kernel) or 16 bits (fbgemm's digits)
             tol = 1e-4 if mode is None else 2e-2
             assert (a - b).abs().max() <= tol * a.abs().max(), pos
 
