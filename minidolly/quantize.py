@@ -23,10 +23,11 @@ below. What stays in full precision, and why:
 
 The kernels are PyTorch's own, chosen per device and CPU by measurement (bench/quant_kernels.py,
 bench/generate.py, docs/generation.md):
-    CPU   int8, where the CPU has int8 dot products (AVX512-VNNI, AVX-VNNI, AMX-INT8): oneDNN's
-          int8 GEMM (torch.ops.onednn.qlinear_pointwise, the kernel of torch's x86 quantization
-          backend) on the activations written as two int8 digits (int8_digits), fp32 out;
-          elsewhere torch._weight_int8pack_mm with bf16 activations.
+    CPU   int8, on x86 CPUs whose fbgemm multiplies int8 exactly (VNNI, AMX; fbgemm_int8_native):
+          fbgemm's int8 GEMM (the kernel of torch's x86 quantization backends) on a weight it
+          packed once, the activations written as two int8 digits (int8_digits), fp32 out;
+          elsewhere torch._weight_int8pack_mm with bf16 activations, or inductor's `gemv` loop
+          in a compiled batch-1 decode step.
           int4: torch._weight_int4pack_mm_for_cpu on weights repacked once by
           torch._convert_weight_to_int4pack_for_cpu (a layout of the CPU's vector width), with
           bf16 activations (cast at the kernel, the result cast back): with fp32 or fp16 it is
@@ -810,7 +811,8 @@ def prepare_for_cpu(model: nn.Module, compile: bool = False) -> nn.Module:
     (oneDNN's fp16 needs AVX512-FP16 or AMX-FP16, and uses those where present).
     compile=True (for generate(..., compile=True)): each nn.Linear becomes a DecodeLinear, the
     same weight in `gemv_blocks` layout, which the compiled decode step multiplies as a `gemv`;
-    an int8 model's layers move to plain int8 rows in that layout, for the same reason. int4
+    int8 layers keep fbgemm's kernel where the CPU has it (faster still: it streams at memory
+    speed), and otherwise keep plain int8 rows in that layout, for the same reason. int4
     layers keep their kernel. Prepare last: a DecodeLinear is no nn.Linear to quantize_model.
     Models on other devices are left as they are. In place; returns the model. Undo by saving
     and loading: the state_dict is plain.
