@@ -387,8 +387,9 @@ class Int8Linear(nn.Module):
             self.weight = FbgemmWeight(q)  # an object, not a buffer: .to() cannot move it
             self.register_buffer("weight_scale", scale.float())  # (N,), applied after the GEMM in fp32
         else:
-            self.register_buffer("weight", gemv_blocks(q) if self.blocked else q)  # (N, K) or (J, N, K/J) int8
-            self.register_buffer("weight_scale", scale.to(torch.bfloat16))  # (N,), bf16 as the kernels take it
+            q = gemv_blocks(q) if self.blocked else q.clone(memory_format=torch.contiguous_format)  # never a file's view
+            self.register_buffer("weight", q)  # (N, K) or (J, N, K/J) int8
+            self.register_buffer("weight_scale", scale.to(torch.bfloat16, copy=True))  # (N,), bf16 as the kernels take it
 
     def canonical(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(q (N, K) int8, scale (N,) bf16): the device-independent form."""
@@ -470,7 +471,7 @@ class Int8Linear(nn.Module):
         missing_keys.extend(missing)
         if missing:
             return
-        q, scale = (state_dict[prefix + n].to(self.weight_scale.device, copy=True) for n in names[:2])
+        q, scale = (state_dict[prefix + n].to(self.weight_scale.device) for n in names[:2])  # _pack copies
         del self.weight, self.weight_scale
         self._pack(q, scale)
         if self.bias is not None:
@@ -740,9 +741,10 @@ def file_layout(out_features: int, in_features: int, mode: str, group_size: int 
 def linear_from_file(name: str, tensors: dict, bias: torch.Tensor | None, mode: str, group_size: int | None,
                      device=None) -> nn.Module:
     """The Int8Linear / Int4Linear for the layer `name` from its stored tensors ({suffix:
-    tensor}, see file_layout). The tensors are copied: a view into a safetensors file is not
-    aligned as the kernels need. embed_out's int8 module computes its top logits exactly."""
-    t = {k: v.to(device, copy=True) for k, v in tensors.items()}
+    tensor}, see file_layout), which may be views into a safetensors file: each module copies
+    what it keeps as it is into memory of its own (a view into the file is not aligned as the
+    kernels need). embed_out's int8 module computes its top logits exactly."""
+    t = {k: v.to(device) for k, v in tensors.items()}
     bias = None if bias is None else bias.to(device)
     if mode == "int8":
         return Int8Linear(t["weight"], t["weight_scale"], bias, EXACT_TOP_K if name == "embed_out" else 0)

@@ -227,6 +227,19 @@ def test_save_load_round_trip_is_bit_identical(ckpt, tmp_path, mode, group_size)
     assert sizes < 0.6 * os.path.getsize(ckpt / "model.safetensors")  # fp32 in, 8 or 4 bits out
 
 
+
+def test_loaded_plain_int8_rows_are_aligned_copies(ckpt, tmp_path, monkeypatch):
+    """The modules copy what they keep out of the file (a safetensors view need not be aligned
+    as the kernels need), and nothing else: fbgemm packs from the view directly."""
+    save_model(load_model(ckpt, quantize="int8"), tmp_path / "q")
+    monkeypatch.setattr(Q, "fbgemm_int8_native", lambda: False)  # torch's bf16 kernel, plain rows
+    model = load_model(tmp_path / "q")
+    layers = [m for m in model.modules() if isinstance(m, Q.Int8Linear)]
+    assert layers and not any(m.fbgemm for m in layers)
+    for m in layers:
+        for t in (m.weight, m.weight_scale):
+            assert t.untyped_storage().nbytes() == t.nbytes and t.data_ptr() % 16 == 0
+
 def _set_metadata(path, **changes):
     """Rewrite a safetensors file's metadata in place (header only)."""
     data = path.read_bytes()
