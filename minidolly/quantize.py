@@ -48,8 +48,12 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch._library.opaque_object import get_opaque_type_name, register_opaque_type
-from torch._opaque_base import OpaqueBase
+
+try:  # opaque objects as custom-op arguments (FbgemmWeight), in recent torch (2.13 has them)
+    from torch._library.opaque_object import get_opaque_type_name, register_opaque_type
+    from torch._opaque_base import OpaqueBase
+except ImportError:  # an older torch: int8 keeps its other kernels (fbgemm_int8_native() is False)
+    OpaqueBase = None
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept, on CPU and CUDA
@@ -499,14 +503,14 @@ def int8_digits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat((d1, d2)), s
 
 
-class FbgemmWeight(OpaqueBase):
+class FbgemmWeight(OpaqueBase or object):
     """An int8 weight q (N, K) packed once for fbgemm's GEMM (torch.ops.quantized.linear_prepack,
     fbgemm engine, scale 1 and zero point 0: the row scales are applied after the GEMM).
 
     fbgemm's packed weight is a TorchScript object, which torch.compile cannot hand to an op;
     this class is registered as an opaque reference type (torch._library.opaque_object), so
-    our op torch.ops.minidolly.fbgemm_int8_mm takes it and a compiled graph receives it as an input, the
-    same graph for every layer and every model."""
+    our op torch.ops.minidolly.fbgemm_int8_mm takes it and a compiled graph receives it as an
+    input: the same graph for every layer and every model."""
 
     def __init__(self, q: torch.Tensor):
         self.shape = tuple(q.shape)
@@ -537,7 +541,8 @@ class FbgemmWeight(OpaqueBase):
         raise TypeError("fbgemm's packed int8 weights do not unpickle; save the model's state_dict instead.")
 
 
-register_opaque_type(FbgemmWeight, typ="reference")
+if OpaqueBase is not None:
+    register_opaque_type(FbgemmWeight, typ="reference")
 
 
 def _fbgemm_int8_mm(digits: torch.Tensor, weight: FbgemmWeight, out_features: int) -> torch.Tensor:
@@ -551,14 +556,12 @@ def _fbgemm_int8_mm(digits: torch.Tensor, weight: FbgemmWeight, out_features: in
 # calls it as it is. Defined with torch.library.Library rather than the @custom_op decorator,
 # whose Python wrapper cost 11 us a call against 3 here: a decode step calls it once per linear
 # layer (97 times at 410m).
-_LIBRARY = torch.library.Library("minidolly", "FRAGMENT")
-_LIBRARY.define(f"fbgemm_int8_mm(Tensor digits, {get_opaque_type_name(FbgemmWeight)} weight, int out_features) -> Tensor")
-_LIBRARY.impl("fbgemm_int8_mm", _fbgemm_int8_mm, "CPU")
-
-
-@torch.library.register_fake("minidolly::fbgemm_int8_mm")
-def _(digits, weight, out_features):
-    return digits.new_empty(digits.shape[0], out_features)
+if OpaqueBase is not None:
+    _LIBRARY = torch.library.Library("minidolly", "FRAGMENT")
+    _LIBRARY.define(f"fbgemm_int8_mm(Tensor digits, {get_opaque_type_name(FbgemmWeight)} weight, int out_features) -> Tensor")
+    _LIBRARY.impl("fbgemm_int8_mm", _fbgemm_int8_mm, "CPU")
+    torch.library.register_fake("minidolly::fbgemm_int8_mm", lambda digits, weight, out_features:
+                                digits.new_empty(digits.shape[0], out_features))
 
 
 @functools.lru_cache(maxsize=None)
@@ -569,11 +572,14 @@ def fbgemm_int8_native() -> bool:
     products in saturating 16 bits (torch's own quantization then uses 7-bit activations), which
     the full-range digits of Int8Linear would overflow. So it is probed, not read from the
     flags: the largest digits times the largest weights against the exact sum."""
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
+    if OpaqueBase is None or "fbgemm" not in torch.backends.quantized.supported_engines:
         return False
     q = torch.full((8, 64), 127, dtype=torch.int8)
     digits = torch.full((2, 64), 127.0)
-    return torch.equal(_fbgemm_int8_mm(digits, FbgemmWeight(q), 8), torch.full((2, 8), 127.0 * 127 * 64))
+    try:
+        return torch.equal(_fbgemm_int8_mm(digits, FbgemmWeight(q), 8), torch.full((2, 8), 127.0 * 127 * 64))
+    except RuntimeError:  # a build or CPU fbgemm turns down
+        return False
 
 
 class Int4Linear(nn.Module):
