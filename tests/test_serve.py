@@ -234,8 +234,10 @@ def test_a_prompt_too_long_is_cut_on_the_left_and_flagged(live, ckpt, tokenizer)
 def test_eight_concurrent_clients_each_get_their_solo_answer(live, ckpt, tokenizer):
     instructions = list(PROMPTS)[1:9]
     expected = [solo(ckpt, tokenizer, i, max_new_tokens=48)[:2] for i in instructions]
+    ready = threading.Barrier(len(instructions))  # no thread starts late on a busy machine
 
     def client(instruction):
+        ready.wait()
         start = time.monotonic()
         text, finish, _, chunks = chat(live, instruction, stream=True, max_tokens=48)
         return text, finish, start, time.monotonic()
