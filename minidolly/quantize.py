@@ -499,7 +499,7 @@ def int8_digits(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).tiny) / 127
     u = x / s
     d1 = u.round()
-    d2 = ((u - d1) * 254).round()
+    d2 = u.sub_(d1).mul_(254).round_()  # in place: u is not needed again
     return torch.cat((d1, d2)), s
 
 
