@@ -313,7 +313,7 @@ def compiled_code(fn, *args):
     return out, "\n".join(code)
 
 
-LIBRARY_MATMULS = ("extern_kernels.", "torch.ops.mkldnn", "int8pack_mm", "torch.ops.onednn")  # F.linear, the eager kernels
+LIBRARY_MATMULS = ("extern_kernels.", "torch.ops.mkldnn", "int8pack_mm", "fbgemm_int8_mm")  # F.linear, the eager kernels
 
 
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
