@@ -214,7 +214,7 @@ def load_model(source, dtype: torch.dtype | None = None, device=None, use_kernel
         model, the dtype of what stays unquantized (embed_in, LayerNorms, biases) and of the
         activations.
     device: where the parameters live (default CPU).
-    quantize: None, "int8" or "int4" (minidolly/quantize.py): every linear layer's weight is
+    quantize: None, "int8", "int4" or "fp16" (minidolly/quantize.py): every linear layer's weight is
         quantized as it is read, so the full-precision model is never in memory. A quantized
         checkpoint loads quantized as it was saved; asking it for another quantization is an error.
     group_size: int4's group size (default quantize.DEFAULT_GROUP_SIZE).
@@ -298,7 +298,9 @@ def load_model(source, dtype: torch.dtype | None = None, device=None, use_kernel
             if stored:
                 parts = {suffix: state.pop(f"{name}.{suffix}") for suffix in Q.STORED[layer]}
             else:
-                parts = Q.quantize_to_file_layout(state.pop(name + ".weight").to(device), layer, group_size)
+                key = hf_key(name + ".weight")
+                parts = Q.quantize_to_file_layout(state.pop(name + ".weight").to(device), layer, group_size,
+                                                  f"{seen.get(key, directory)}: tensor {key}")
             bias = state.pop(name + ".bias", None)
             model.set_submodule(name, Q.linear_from_file(name, parts, bias, layer, group_size, device))
     model.load_state_dict(state, strict=mode is None, assign=True)
