@@ -500,9 +500,9 @@ def test_prepare_for_cpu_compile_decodes_as_eager(ckpt, mode):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp16"])
 def test_cuda_kernels_and_round_trip(ckpt, tmp_path, mode):
-    """tinygemm int4 and the int8 GEMV on a GPU; the canonical form read back from tinygemm's layout."""
+    """tinygemm int4, the int8 and fp16 GEMVs on a GPU; the canonical form read back from tinygemm's layout."""
     model = load_model(ckpt, quantize=mode, dtype=torch.bfloat16, device="cuda")
     cpu = load_model(ckpt, quantize=mode, dtype=torch.bfloat16)
     with torch.no_grad():
