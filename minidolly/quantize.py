@@ -387,7 +387,7 @@ class Float16Linear(DecodeLinear):
         parts = x2.split(self.weight.shape[-1], dim=-1)  # J x (M, K/J)
         eager_cpu = x2.device.type == "cpu" and not torch.compiler.is_compiling()
         if eager_cpu and x2.shape[0] == 1:
-            ys = [F.linear(part.half(), block) for part, block in zip(parts, self.weight)]  # J x (1, N) fp16
+            ys = [F.linear(part.to(block.dtype), block) for part, block in zip(parts, self.weight)]  # J x (1, N) fp16
         elif eager_cpu:
             rows = max(1, CONVERT_FLOATS // self.weight.shape[-1])
             ys = [torch.cat([F.linear(part, chunk.to(x.dtype)) for chunk in block.split(rows)], dim=-1)

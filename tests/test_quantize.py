@@ -86,6 +86,10 @@ def test_fp16_weights_keep_fp32_activations(K, monkeypatch):
         ref = x.double() @ w16.T + linear.bias.double()
         assert y.dtype == torch.float32 and y.shape == (*shape[:-1], 200)
         assert (y.double() - ref).abs().max() <= tol * ref.abs().max(), shape
+    q.to(torch.bfloat16)  # Module.to casts the weight too; batch 1 must still run (a bf16 GEMV then)
+    with torch.no_grad():
+        y = q(x.to(torch.bfloat16)).double()
+    assert (y - ref).abs().max() <= 0.02 * ref.abs().max()
 
 
 def test_fp16_weights_may_stay_an_unaligned_view():
