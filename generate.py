@@ -64,9 +64,10 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --input-file")
     p.add_argument("--verbose", action="store_true", help="timings on stderr (with --serve: one line per request)")
     # Weight formats (minidolly/quantize.py, minidolly/gguf_export.py; docs/generation.md).
-    p.add_argument("--quantize", choices=["int8", "int4", "fp16"], default=None,
+    p.add_argument("--quantize", choices=["int8", "int4", "fp16", "bf16"], default=None,
                    help="weight-only quantization applied at load (a checkpoint saved quantized loads as it was); "
-                        "fp16: 16-bit weights with the activations kept in --dtype (llama.cpp's f16)")
+                        "fp16 / bf16: 16-bit weights with the activations kept in --dtype (fp16: llama.cpp f16's "
+                        "numerics; bf16: less accurate, faster with --compile)")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 (default), 128 or 256")
     p.add_argument("--export-gguf", metavar="PATH", default=None,
                    help="write --model as a GGUF file for llama.cpp / Ollama, then exit")

@@ -14,10 +14,10 @@ a user does (minidolly: load_model(dtype=, quantize=) and prepare_for_cpu, as ge
 warms up, and generates 128 greedy tokens after a 32-token prompt at batch 1:
 
     minidolly fp32 / bf16      the whole model in that dtype (eager: oneDNN-packed linears)
-    minidolly int8 / int4 / fp16w   weight-only int8 per channel / int4 g64 (embed_out int8) /
-                               fp16 (--quantize fp16: fp16 weights, fp32 activations, llama.cpp
-                               f16's arithmetic), loaded from checkpoints saved quantized (as
-                               llama.cpp loads a quantized file)
+    minidolly int8 / int4 / fp16w / bf16w   weight-only int8 per channel / int4 g64 (embed_out
+                               int8) / fp16 or bf16 (--quantize fp16 / bf16: 16-bit weights, fp32
+                               activations; fp16 is llama.cpp f16's arithmetic), loaded from
+                               checkpoints saved quantized (as llama.cpp loads a quantized file)
     ... compiled               the same with compile=True (the static decode step through inductor,
                                after prepare_for_cpu(model, compile=True): at batch 1 every linear but
                                int4's is inductor's own GEMV loop; the best settings on CPU)
@@ -37,7 +37,7 @@ average is printed before and after. Per row:
     RSS GB      the row's process: its peak resident memory (VmHWM), and its private memory at
                 the end (RssAnon: without the pages of the files it maps, which the kernel can drop
                 and read again); on CUDA the peak of allocated GPU memory
-    vs llama    tok/s over llama.cpp's at the same width (bf16, fp16, fp16w vs f16, int8 vs q8_0,
+    vs llama    tok/s over llama.cpp's at the same width (bf16, fp16, fp16w, bf16w vs f16, int8 vs q8_0,
                 int4 vs q4_0, fp32 vs f32); vs HF: over transformers fp32's (bf16 on CUDA)
 Every engine gets --threads threads (default: half the cores, llama-cpp-python's own default
 for decoding). The targets of issue 14 are checked at the end.
@@ -67,8 +67,8 @@ TOKENIZER = os.path.join(REPO, "..", "shared", "data", "gpt-neox-20b-tokenizer.j
 PROMPT_TOKENS = 32
 GPU_TARGET = 0.70  # compiled decode's weight bandwidth / copy bandwidth
 DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-QUANTIZED = {"int8": "int8", "int4": "int4", "fp16": "fp16w"}  # --quantize mode -> its rows' width
-SAME_WIDTH = {"fp32": "f32", "bf16": "f16", "fp16": "f16", "fp16w": "f16", "int8": "q8_0", "int4": "q4_0"}
+QUANTIZED = {"int8": "int8", "int4": "int4", "fp16": "fp16w", "bf16": "bf16w"}  # --quantize mode -> its rows' width
+SAME_WIDTH = {"fp32": "f32", "bf16": "f16", "fp16": "f16", "fp16w": "f16", "bf16w": "f16", "int8": "q8_0", "int4": "q4_0"}
 
 
 # ------------------------------------------------------------------ the rows
@@ -297,7 +297,7 @@ def run_row(job: dict, timeout: float) -> dict:
 
 def write_checkpoint(size: str, directory: str, dtype: torch.dtype, gguf_types: list[str], saved: list[str]) -> dict:
     """A random-weight checkpoint of `size` in `directory` (ours, which transformers reads too)
-    with each width of `saved` (bf16, fp16, int8, int4, fp16w) saved in directory/<width>, and the GGUF
+    with each width of `saved` (bf16, fp16, int8, int4, fp16w, bf16w) saved in directory/<width>, and the GGUF
     files asked for; returns {gguf type: path}."""
     from minidolly import load_model, save_gguf, save_model
     from minidolly.config import ModelConfig
@@ -430,7 +430,7 @@ def check_targets(size, rows, stats, device, probe_gbs) -> list[str]:
                 lines.append(f"{size}: {row_name(r)} at {frac:.0%} of the copy bandwidth (target >= {GPU_TARGET:.0%}): "
                              f"{'met' if frac >= GPU_TARGET else 'NOT met'}")
         return lines
-    for ours, theirs in ((("bf16", "fp16", "fp16w"), "f16"), (("int8",), "q8_0"), (("int4",), "q4_0")):
+    for ours, theirs in ((("bf16", "fp16", "fp16w", "bf16w"), "f16"), (("int8",), "q8_0"), (("int4",), "q4_0")):
         a, b = best("minidolly", ours), best("llama.cpp", (theirs,))
         if a and b:
             lines.append(f"{size}: best of minidolly {'/'.join(ours)} ({a[1]}, {a[0]:.1f} tok/s) vs llama.cpp {theirs} "
@@ -459,11 +459,11 @@ def main():
                    help="full-precision rows of minidolly and transformers (default: float32 bfloat16 on CPU, "
                         "bfloat16 on CUDA)")
     p.add_argument("--quantize", nargs="*", choices=list(QUANTIZED), default=None,
-                   help="minidolly's weight-only rows (default: int8 int4 fp16 on CPU, none on CUDA); fp16's rows "
-                        "are named fp16w")
+                   help="minidolly's weight-only rows (default: int8 int4 fp16 bf16 on CPU, none on CUDA); fp16's "
+                        "and bf16's rows are named fp16w and bf16w")
     p.add_argument("--gguf-types", nargs="*", choices=["f32", "f16", "q8_0", "q4_0"],
                    default=["f32", "f16", "q8_0", "q4_0"], help="llama.cpp's rows (CPU only)")
-    p.add_argument("--compiled", nargs="*", choices=["fp32", "bf16", "fp16", "fp16w", "int8", "int4"], default=None,
+    p.add_argument("--compiled", nargs="*", choices=["fp32", "bf16", "fp16", "fp16w", "bf16w", "int8", "int4"], default=None,
                    help="minidolly widths that also get a compile=True row (default: every width on CPU, where the "
                         "compiled batch-1 step multiplies by inductor's own GEMV, see docs/generation.md; bf16 on CUDA)")
     p.add_argument("--compiled-only", action="store_true", help="leave out the eager rows of those widths")
@@ -482,9 +482,9 @@ def main():
         sys.exit("error: --device cuda, but torch sees no CUDA GPU.")
     args.sizes = args.sizes or (["dolly-v2-3b"] if cuda else ["160m", "410m", "1.4b"])
     args.dtypes = args.dtypes if args.dtypes is not None else (["bfloat16"] if cuda else ["float32", "bfloat16"])
-    args.quantize = args.quantize if args.quantize is not None else ([] if cuda else ["int8", "int4", "fp16"])
+    args.quantize = args.quantize if args.quantize is not None else ([] if cuda else ["int8", "int4", "fp16", "bf16"])
     if args.compiled is None:
-        args.compiled = ["bf16"] if cuda else ["fp32", "bf16", "fp16", "fp16w", "int8", "int4"]  # CPU: every width, the best settings
+        args.compiled = ["bf16"] if cuda else ["fp32", "bf16", "fp16", "fp16w", "bf16w", "int8", "int4"]  # CPU: every width, the best settings
     if args.no_compile:
         args.compiled, args.compiled_only = [], False
     notes = []

@@ -15,9 +15,9 @@ f32 written by save_gguf (its row checks the two implementations agree), q8_0 an
 from that f32 file by llama.cpp's own quantizer (llama_model_quantize, default settings, as
 users make them: q4_0 keeps `output` in q6_K), and save_gguf's own q8_0 / q4_0.
 "bits" is bits per weight of the block matrices (scales and zeros included).
-"ours fp16 (weight-only)" is load_model(quantize="fp16"): fp16 weights, fp32 activations, as a
-prompt and a compiled decode step compute it (eager batch-1 decoding rounds each linear's input
-and output to fp16 as well: the "fp16 weights, fp16 in/out*" row).
+"ours fp16 / bf16 (weight-only)" are load_model(quantize="fp16" / "bf16"): 16-bit weights, fp32
+activations, as a prompt and a compiled decode step compute them (eager batch-1 decoding
+rounds each linear's input and output to 16 bits as well: the "... in/out*" rows).
 Rows marked * are numerics only: 16-bit weights in an fp32 model (F.linear on fp32 copies of the
 16-bit weights, with the roundings of the input and output a kernel would make); they say where
 whole-model bf16 loses its accuracy (docs/generation.md, "The 16-bit quality gap").
@@ -136,8 +136,9 @@ def main():
     for dtype in (torch.bfloat16, torch.float16):  # the whole model in 16 bits, as --dtype runs it
         m = load_model(args.model, dtype=dtype)
         rows.append((f"ours {str(dtype)[6:]}", 16, lambda ids, m=m: ours_logits(m, ids)))
-    fp16 = load_model(args.model, quantize="fp16")
-    rows.append(("ours fp16 (weight-only)", 16, lambda ids: ours_logits(fp16, ids)))
+    for mode in ("fp16", "bf16"):
+        m = load_model(args.model, quantize=mode)
+        rows.append((f"ours {mode} (weight-only)", 16, lambda ids, m=m: ours_logits(m, ids)))
     for name, dtype, io, logits_fp32 in (("bf16 weights, bf16 in/out*", torch.bfloat16, torch.bfloat16, False),
                                          ("bf16 weights, fp32 in/out*", torch.bfloat16, torch.float32, True),
                                          ("fp16 weights, fp16 in/out*", torch.float16, torch.float16, False),

@@ -214,7 +214,7 @@ def load_model(source, dtype: torch.dtype | None = None, device=None, use_kernel
         model, the dtype of what stays unquantized (embed_in, LayerNorms, biases) and of the
         activations.
     device: where the parameters live (default CPU).
-    quantize: None, "int8", "int4" or "fp16" (minidolly/quantize.py): every linear layer's weight is
+    quantize: None, "int8", "int4", "fp16" or "bf16" (minidolly/quantize.py): every linear layer's weight is
         quantized as it is read, so the full-precision model is never in memory. A quantized
         checkpoint loads quantized as it was saved; asking it for another quantization is an error.
     group_size: int4's group size (default quantize.DEFAULT_GROUP_SIZE).

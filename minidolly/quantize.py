@@ -12,8 +12,9 @@ long as the kernel unpacks them no slower than memory delivers them.
     int4   a scale and a zero per row and per group of `group_size` inputs (group-wise):
            w ≈ (q - 8) * scale[n, g] + zero[n, g], q in [0, 15]
     fp16   the weight rounded to float16, no scales (llama.cpp's f16): half of fp32's bytes
-           with the activations left in fp32, where a whole-model bf16 or fp16 (--dtype)
-           rounds them too (Float16Linear; docs/generation.md, "The 16-bit quality gap")
+    bf16   with the activations left in fp32, where a whole-model bf16 or fp16 (--dtype)
+           rounds them too (Weight16Linear; docs/generation.md, "The 16-bit quality gap");
+           fp16 keeps 11 significant bits, bf16 8 but decodes faster (its convert is a shift)
 
 Only the weight matrices of the linear layers (the four of every block and embed_out) are
 quantized (an int4 model keeps embed_out in int8: layer_mode). Activations stay in the model's
@@ -35,15 +36,15 @@ bench/generate.py, docs/generation.md):
           torch._convert_weight_to_int4pack_for_cpu (a layout of the CPU's vector width), with
           bf16 activations (cast at the kernel, the result cast back): with fp32 or fp16 it is
           50x slower.
-          fp16: inductor's `gemv` loop in a compiled batch-1 decode step (fp32 activations
-          times the fp16 weight converted in registers); eager, torch's fp16 GEMV at batch 1
+          fp16, bf16: inductor's `gemv` loop in a compiled batch-1 decode step (fp32 activations
+          times the 16-bit weight converted in registers); eager, torch's 16-bit GEMV at batch 1
           and, for prompts and batches, fp32 GEMMs on slices of rows converted one at a time.
     CUDA  int8: w.to(x.dtype) then F.linear, times the scales (torch.compile fuses the three,
-          as gpt-fast does), and fp16 likewise; int4: torch._weight_int4pack_mm (tinygemm) on
+          as gpt-fast does), and fp16 / bf16 likewise; int4: torch._weight_int4pack_mm (tinygemm) on
           weights repacked by torch._convert_weight_to_int4pack.
 Each module also has a canonical, device-independent form (its state_dict), which is what
 minidolly/checkpoint.py writes: int8 rows as they are, int4 as two nibbles a byte with the
-scales and zeros as (out_features, in_features / group_size) tensors, fp16 rows as they are.
+scales and zeros as (out_features, in_features / group_size) tensors, fp16 / bf16 rows as they are.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ try:  # opaque objects as custom-op arguments (FbgemmWeight), in recent torch (2
 except ImportError:  # an older torch: int8 keeps its other kernels (fbgemm_int8_native() is False)
     OpaqueBase = None
 
-MODES = ("int8", "int4", "fp16")
+MODES = ("int8", "int4", "fp16", "bf16")
+WEIGHT16 = {"fp16": torch.float16, "bf16": torch.bfloat16}  # the 16-bit weight-only modes
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 kernels accept, on CPU and CUDA
 DEFAULT_GROUP_SIZE = 64
 FORMAT_VERSION = 1  # of the quantized checkpoint layout above; checkpoint.py refuses others
@@ -69,7 +71,7 @@ INT4_ROWS = 64  # CPU int4 kernels work on blocks of 64 output rows; shorter lay
 EXACT_TOP_K = 32  # logits an int8 embed_out recomputes in fp32 (Int8Linear)
 PACK_BATCH = 16  # the batch OneDNNLinear tells oneDNN to lay its weight out for (see there)
 GEMV_ROWS = 1  # under torch.compile on CPU, products with this many input rows run as `gemv` (see there)
-CONVERT_FLOATS = 2**19  # Float16Linear converts this many weights at a time to fp32 for an eager CPU GEMM (2 MB)
+CONVERT_FLOATS = 2**19  # Weight16Linear converts this many weights at a time to fp32 for an eager CPU GEMM (2 MB)
 
 
 class QuantizationError(ValueError):
@@ -355,19 +357,21 @@ class DecodeLinear(nn.Module):
                 f"gemv when compiled ({self.weight.shape[0]} blocks)")
 
 
-class Float16Linear(DecodeLinear):
-    """nn.Linear with an fp16 weight in a model whose activations keep their dtype (fp32 by
-    default): weight-only 16 bits, as llama.cpp's f16 files run. Half of fp32's bytes, like a
-    whole-model bf16 or fp16 (--dtype), but only the weights are rounded, so it keeps fp32's
-    accuracy where those round every activation too (docs/generation.md, "The 16-bit quality gap").
+class Weight16Linear(DecodeLinear):
+    """nn.Linear with an fp16 or bf16 weight in a model whose activations keep their dtype (fp32
+    by default): weight-only 16 bits, as llama.cpp's f16 files run. Half of fp32's bytes, like a
+    whole-model bf16 or fp16 (--dtype), but only the weights are rounded, so it keeps much more
+    of fp32's accuracy where those round every activation too (docs/generation.md, "The 16-bit
+    quality gap").
 
-    fp16 rather than bf16: 11 significant bits against 8, and a trained model's weights lie far
-    inside fp16's range (quantize_to_file_layout refuses one that does not). The weight is kept
-    in `gemv_blocks` layout like a DecodeLinear's, whose compiled batch-1 product it shares:
-    `gemv` loads the fp16 rows and converts them in registers, the activations stay fp32.
-    Other products:
-      - eager batch 1 on CPU: torch's fp16 GEMV (fp32 sums), its input rounded to fp16 as
-        llama.cpp rounds it for an f16 matmul;
+    fp16 (quantize="fp16") keeps 11 significant bits, bf16 (quantize="bf16") 8, and a trained
+    model's weights lie far inside fp16's range (quantize_to_file_layout refuses one that does
+    not); bf16's convert to fp32 is a shift, fp16's a conversion instruction, which at 410m made
+    fp16 decode ~20 % slower. The weight is kept in `gemv_blocks` layout like a DecodeLinear's,
+    whose compiled batch-1 product it shares: `gemv` loads the 16-bit rows and converts them in
+    registers, the activations stay fp32. Other products:
+      - eager batch 1 on CPU: torch's 16-bit GEMV (fp32 sums), its input rounded to the
+        weight's dtype as llama.cpp rounds it for an f16 matmul;
       - eager prompts and batches on CPU: fp32 GEMMs on the weight converted a slice of rows
         at a time (CONVERT_FLOATS weights, 2 MB in fp32), so each converted slice is used
         while it is in the cache: a 32-row product of an 8192 x 2048 weight took 17 ms so,
@@ -377,8 +381,10 @@ class Float16Linear(DecodeLinear):
     The state_dict holds the (N, K) fp16 rows."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        # fp16 rows read from a file stay a view of it, as a bf16 model's do (the loop does not need them aligned)
-        super().__init__(weight.detach().to(torch.float16), bias)
+        # 16-bit rows read from a file stay a view of it, as a bf16 model's do (the loop does not need them aligned)
+        if weight.dtype not in WEIGHT16.values():
+            raise TypeError(f"Weight16Linear takes an fp16 or bf16 weight, not {weight.dtype}.")
+        super().__init__(weight.detach(), bias)
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
@@ -387,7 +393,7 @@ class Float16Linear(DecodeLinear):
         parts = x2.split(self.weight.shape[-1], dim=-1)  # J x (M, K/J)
         eager_cpu = x2.device.type == "cpu" and not torch.compiler.is_compiling()
         if eager_cpu and x2.shape[0] == 1:
-            ys = [F.linear(part.to(block.dtype), block) for part, block in zip(parts, self.weight)]  # J x (1, N) fp16
+            ys = [F.linear(part.to(block.dtype), block) for part, block in zip(parts, self.weight)]  # J x (1, N) 16-bit
         elif eager_cpu:
             rows = max(1, CONVERT_FLOATS // self.weight.shape[-1])
             ys = [torch.cat([F.linear(part, chunk.to(x.dtype)) for chunk in block.split(rows)], dim=-1)
@@ -399,7 +405,8 @@ class Float16Linear(DecodeLinear):
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp16 weight ({self.weight.shape[0]} blocks)"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{str(self.weight.dtype).removeprefix('torch.')} weight ({self.weight.shape[0]} blocks)")
 
 
 # ------------------------------------------------------------------- modules
@@ -785,7 +792,8 @@ def check_shapes(layers, mode: str, group_size: int) -> None:
                 + (f"use {' or '.join(fits)}." if fits else "no int4 group size fits this model; use int8."))
 
 
-STORED = {"int8": ("weight", "weight_scale"), "int4": ("weight", "weight_scale", "weight_zero"), "fp16": ("weight",)}
+STORED = {"int8": ("weight", "weight_scale"), "int4": ("weight", "weight_scale", "weight_zero"),
+          "fp16": ("weight",), "bf16": ("weight",)}
 
 
 def file_layout(out_features: int, in_features: int, mode: str, group_size: int | None) -> dict:
@@ -794,8 +802,8 @@ def file_layout(out_features: int, in_features: int, mode: str, group_size: int 
     N, K = out_features, in_features
     if mode == "int8":
         return {"weight": (torch.int8, (N, K)), "weight_scale": (torch.bfloat16, (N,))}
-    if mode == "fp16":
-        return {"weight": (torch.float16, (N, K))}
+    if mode in WEIGHT16:
+        return {"weight": (WEIGHT16[mode], (N, K))}
     return {"weight": (torch.uint8, (N, K // 2)), "weight_scale": (torch.bfloat16, (N, K // group_size)),
             "weight_zero": (torch.bfloat16, (N, K // group_size))}
 
@@ -810,8 +818,8 @@ def linear_from_file(name: str, tensors: dict, bias: torch.Tensor | None, mode: 
     bias = None if bias is None else bias.to(device)
     if mode == "int8":
         return Int8Linear(t["weight"], t["weight_scale"], bias, EXACT_TOP_K if name == "embed_out" else 0)
-    if mode == "fp16":
-        return Float16Linear(t["weight"], bias)
+    if mode in WEIGHT16:
+        return Weight16Linear(t["weight"].to(WEIGHT16[mode]), bias)
     return Int4Linear(t["weight"], t["weight_scale"], t["weight_zero"], bias, group_size)
 
 
@@ -828,7 +836,8 @@ def quantize_to_file_layout(weight: torch.Tensor, mode: str, group_size: int | N
     Raises QuantizationError, naming the layer `name`, for fp16 of a weight outside fp16's range."""
     if mode == "fp16":
         check_fp16_range(weight, name)
-        return {"weight": weight.to(torch.float16)}
+    if mode in WEIGHT16:
+        return {"weight": weight.to(WEIGHT16[mode])}
     if mode == "int8":
         q, scale = quantize_int8(weight)
         return {"weight": q, "weight_scale": scale}
@@ -845,7 +854,7 @@ def layer_mode(name: str, mode: str) -> str:
 
 
 def quantize_linear(linear: nn.Linear, mode: str, group_size: int = DEFAULT_GROUP_SIZE, name: str = "") -> nn.Module:
-    """One nn.Linear (the model's layer `name`) as an Int8Linear, Int4Linear or Float16Linear, on its device."""
+    """One nn.Linear (the model's layer `name`) as an Int8Linear, Int4Linear or Weight16Linear, on its device."""
     stored = quantize_to_file_layout(linear.weight.detach(), mode, group_size, name)
     layer = linear_from_file(name, stored, linear.bias, mode, group_size, linear.weight.device)
     return layer.train(linear.training)
@@ -855,7 +864,7 @@ def quantize_linear(linear: nn.Linear, mode: str, group_size: int = DEFAULT_GROU
 def quantize_model(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
     """Quantize, in place, the weight of every linear layer of `model` (each block's four and
     embed_out) to int8 per output channel, to int4 in groups of `group_size` inputs (embed_out
-    then in int8, see layer_mode) or to fp16; embed_in, LayerNorms and biases keep their dtype
+    then in int8, see layer_mode) or to fp16 or bf16; embed_in, LayerNorms and biases keep their dtype
     (see the module docstring for why).
 
     Quantize on the device the model will run on: the packed weights are that device's layout.
@@ -874,14 +883,15 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = DEFAULT_GROUP_
 
 
 def quantization_of(model: nn.Module) -> dict | None:
-    """{"mode": "int8" | "int4" | "fp16", "group_size": g or None} for a quantized model, None otherwise."""
+    """{"mode": "int8" | "int4" | "fp16" | "bf16", "group_size": g or None} for a quantized model, None otherwise."""
     int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
     if int4:
         return {"mode": "int4", "group_size": int4[0].group_size}
     if any(isinstance(m, Int8Linear) for m in model.modules()):
         return {"mode": "int8", "group_size": None}
-    if any(isinstance(m, Float16Linear) for m in model.modules()):
-        return {"mode": "fp16", "group_size": None}
+    weight16 = [m for m in model.modules() if isinstance(m, Weight16Linear)]
+    if weight16:
+        return {"mode": "bf16" if weight16[0].weight.dtype == torch.bfloat16 else "fp16", "group_size": None}
     return None
 
 

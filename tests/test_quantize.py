@@ -66,20 +66,21 @@ def test_kernel_matches_dequantized_reference(mode, dtype, shape):
     assert ((deq.double() - w).abs() <= 0.5 * step * 1.01 + 1e-6).all()
 
 
+@pytest.mark.parametrize("mode", ["fp16", "bf16"])
 @pytest.mark.parametrize("K", [256, 4096])  # one block; two gemv blocks (K > GEMV_CHUNK)
-def test_fp16_weights_keep_fp32_activations(K, monkeypatch):
-    """Float16Linear (quantize="fp16"): the weight rounded to fp16, nothing else. Prompts and
-    batches multiply the fp32 activations exactly (a slice of rows converted at a time);
-    eager batch 1 runs torch's fp16 GEMV, whose input is rounded to fp16 (11 bits) as
-    llama.cpp's f16 matmul rounds it."""
+def test_16bit_weights_keep_fp32_activations(mode, K, monkeypatch):
+    """Weight16Linear (quantize="fp16" / "bf16"): the weight rounded to 16 bits, nothing else.
+    Prompts and batches multiply the fp32 activations exactly (a slice of rows converted at a
+    time); eager batch 1 runs torch's 16-bit GEMV, whose input is rounded to the weight's
+    dtype as llama.cpp's f16 matmul rounds it."""
     torch.manual_seed(0)
     linear = nn.Linear(K, 200)
-    q = Q.quantize_linear(linear, "fp16")
-    assert isinstance(q, Q.Float16Linear) and q.weight.dtype == torch.float16
-    w16 = linear.weight.detach().half().double()
+    q = Q.quantize_linear(linear, mode)
+    assert isinstance(q, Q.Weight16Linear) and q.weight.dtype == Q.WEIGHT16[mode]
+    w16 = linear.weight.detach().to(Q.WEIGHT16[mode]).double()
     assert torch.equal(q.state_dict()["weight"].double(), w16)
     monkeypatch.setattr(Q, "CONVERT_FLOATS", 64 * 2048)  # 64-row slices (32 with K=4096): the last one short
-    for shape, tol in (((3, 5, K), 1e-5), ((1, 1, K), 2e-3)):
+    for shape, tol in (((3, 5, K), 1e-5), ((1, 1, K), 2e-3 if mode == "fp16" else 1.5e-2)):
         x = torch.randn(*shape)
         with torch.no_grad():
             y = q(x)
@@ -98,7 +99,7 @@ def test_fp16_weights_may_stay_an_unaligned_view():
     torch.manual_seed(0)
     buffer = torch.randn(200 * 256 + 1).half()
     rows = buffer[1:].view(200, 256)  # 2 bytes off any vector boundary
-    layer = Q.Float16Linear(rows, torch.zeros(200))
+    layer = Q.Weight16Linear(rows, torch.zeros(200))
     assert layer.weight.data_ptr() == rows.data_ptr()
     for x in (torch.randn(1, 256), torch.randn(5, 256)):
         with torch.no_grad():
@@ -208,7 +209,7 @@ def test_int4_repacking_round_trips():
         assert torch.equal(Q.unpack_int4(Q.pack_int4(nibbles), K), nibbles)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4", "fp16", "int8 embed_out", "int8 bf16 kernel", "onednn"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp16", "bf16", "int8 embed_out", "int8 bf16 kernel", "onednn"])
 def test_quantized_module_compiles_fullgraph(mode):
     """The static decode step compiles the model with fullgraph=True; these modules must trace."""
     torch.manual_seed(0)
@@ -248,13 +249,14 @@ def full(ckpt):
         return model, model(IDS)
 
 
-@pytest.mark.parametrize("mode, cos_min, top1_min", [("int8", 0.999, 0.9), ("int4", 0.95, 0.6), ("fp16", 0.99999, 1.0)])
+@pytest.mark.parametrize("mode, cos_min, top1_min", [("int8", 0.999, 0.9), ("int4", 0.95, 0.6), ("fp16", 0.99999, 1.0),
+                                                     ("bf16", 0.9999, 0.95)])
 def test_quantized_logits_close_to_full_precision(ckpt, full, mode, cos_min, top1_min):
     model = load_model(ckpt, quantize=mode)
-    kind = {"int8": Q.Int8Linear, "int4": Q.Int4Linear, "fp16": Q.Float16Linear}[mode]
+    kind = {"int8": Q.Int8Linear, "int4": Q.Int4Linear, "fp16": Q.Weight16Linear, "bf16": Q.Weight16Linear}[mode]
     assert isinstance(model.layers[0].mlp.dense_h_to_4h, kind)
     # int4 models keep embed_out in int8: its error goes straight into the logits
-    assert isinstance(model.embed_out, Q.Float16Linear if mode == "fp16" else Q.Int8Linear)
+    assert isinstance(model.embed_out, Q.Weight16Linear if mode in Q.WEIGHT16 else Q.Int8Linear)
     assert isinstance(model.embed_in, nn.Embedding) and model.embed_in.weight.dtype == torch.float32
     with torch.no_grad():
         logits = model(IDS)
@@ -273,7 +275,7 @@ def test_quantize_model_in_place_equals_quantize_on_load(ckpt):
     assert not any(m.training for m in model.modules())  # the new layers keep the model's eval mode
 
 
-@pytest.mark.parametrize("mode, group_size", [("int8", None), ("int4", 64), ("fp16", None)])
+@pytest.mark.parametrize("mode, group_size", [("int8", None), ("int4", 64), ("fp16", None), ("bf16", None)])
 def test_save_load_round_trip_is_bit_identical(ckpt, tmp_path, mode, group_size):
     model = load_model(ckpt, quantize=mode, group_size=group_size, dtype=torch.bfloat16)
     save_model(model, tmp_path / "q", max_shard_size=2**20)  # several shards: each carries the metadata
@@ -324,7 +326,7 @@ def test_quantized_checkpoint_errors(ckpt, tmp_path):
 
 
 def test_bad_quantize_arguments_are_one_sentence(ckpt):
-    with pytest.raises(QuantizationError, match=r"^Unknown quantization 'int3'; choose one of int8, int4, fp16\.$"):
+    with pytest.raises(QuantizationError, match=r"^Unknown quantization 'int3'; choose one of int8, int4, fp16, bf16\.$"):
         load_model(ckpt, quantize="int3")
     with pytest.raises(QuantizationError, match=r"group size must be one of 32, 64, 128, 256"):
         load_model(ckpt, quantize="int4", group_size=48)
@@ -379,7 +381,7 @@ def compiled_code(fn, *args):
 LIBRARY_MATMULS = ("extern_kernels.", "torch.ops.mkldnn", "int8pack_mm", "fbgemm_int8_mm")  # F.linear, the eager kernels
 
 
-@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "fp16 weights"])
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "fp16 weights", "bf16 weights"])
 def test_compiled_batch1_products_are_a_gemv_and_exact(kind):
     """Under torch.compile on CPU a batch-1 product is inductor's own loop (no library call),
     with fp32 products of the weight as stored, and the producer of its input (here a GELU)
@@ -390,8 +392,8 @@ def test_compiled_batch1_products_are_a_gemv_and_exact(kind):
     if kind == "int8":
         layer = Q.Int8Linear(*Q.quantize_int8(linear.weight.detach()), linear.bias, fbgemm=False)
         weight = layer.weight.double() * layer.weight_scale.double()[:, None]
-    elif kind == "fp16 weights":  # fp32 activations times fp16 rows, exact
-        layer = Q.Float16Linear(linear.weight, linear.bias)
+    elif kind.endswith("weights"):  # fp32 activations times 16-bit rows, exact
+        layer = Q.Weight16Linear(linear.weight.to(Q.WEIGHT16[kind.split()[0]]), linear.bias)
         weight = Q.gemv_rows(layer.weight).double()
     else:
         layer = Q.DecodeLinear.from_linear(linear.to(dtype))
@@ -470,7 +472,7 @@ def test_blocked_layers_keep_a_plain_state_dict_and_eager_results(kind):
         assert torch.equal(layer(x), got)
 
 
-@pytest.mark.parametrize("mode", [None, "int8", "fp16"])
+@pytest.mark.parametrize("mode", [None, "int8", "fp16", "bf16"])
 def test_prepare_for_cpu_compile_decodes_as_eager(ckpt, mode):
     """prepare_for_cpu(compile=True), as generate.py --compile does: the compiled decode
     step's logits equal eager's (the unprepared model) at every step, and the state_dict
@@ -480,8 +482,8 @@ def test_prepare_for_cpu_compile_decodes_as_eager(ckpt, mode):
     eager = load_model(ckpt, quantize=mode)
     model = Q.prepare_for_cpu(load_model(ckpt, quantize=mode), compile=True)
     assert not any(isinstance(m, Q.OneDNNLinear) for m in model.modules())
-    if mode in (None, "fp16"):
-        assert isinstance(model.layers[0].mlp.dense_4h_to_h, Q.Float16Linear if mode else Q.DecodeLinear)
+    if mode in (None, "fp16", "bf16"):
+        assert isinstance(model.layers[0].mlp.dense_4h_to_h, Q.Weight16Linear if mode else Q.DecodeLinear)
     else:
         int8 = model.embed_out  # fbgemm's kernel where the CPU has it, inductor's gemv on blocks elsewhere
         assert int8.fbgemm == Q.fbgemm_int8_native() and int8.blocked == (not int8.fbgemm)
@@ -495,7 +497,7 @@ def test_prepare_for_cpu_compile_decodes_as_eager(ckpt, mode):
             args = torch.tensor([token]), torch.tensor([pos])
             a, b = decode_step(eager, caches[0], *args), step(model, caches[1], *args)
             # int8 eager rounds activations to bf16 (torch's kernel) or 16 bits (fbgemm's digits),
-            # fp16 eager to fp16 (torch's fp16 GEMV); compiled, both multiply fp32 activations
+            # fp16 / bf16 eager to 16 bits (torch's 16-bit GEMV); compiled, all multiply fp32 activations
             tol = 1e-4 if mode is None else 2e-2
             assert (a - b).abs().max() <= tol * a.abs().max(), pos
 
@@ -504,9 +506,9 @@ def test_prepare_for_cpu_compile_decodes_as_eager(ckpt, mode):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("mode", ["int8", "int4", "fp16"])
+@pytest.mark.parametrize("mode", ["int8", "int4", "fp16", "bf16"])
 def test_cuda_kernels_and_round_trip(ckpt, tmp_path, mode):
-    """tinygemm int4, the int8 and fp16 GEMVs on a GPU; the canonical form read back from tinygemm's layout."""
+    """tinygemm int4, the int8 and 16-bit GEMVs on a GPU; the canonical form read back from tinygemm's layout."""
     model = load_model(ckpt, quantize=mode, dtype=torch.bfloat16, device="cuda")
     cpu = load_model(ckpt, quantize=mode, dtype=torch.bfloat16)
     with torch.no_grad():
@@ -540,7 +542,7 @@ def cli_ckpt(ckpt, tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("mode", ["int4", "fp16"])
+@pytest.mark.parametrize("mode", ["int4", "bf16"])
 def test_cli_quantized_generation(cli_ckpt, mode):
     out = run_cli("--model", cli_ckpt, "--quantize", mode, "--temperature", "0", "--max-new-tokens", "4", "--no-stream", "Hi")
     assert out.returncode == 0, out.stderr
