@@ -378,7 +378,7 @@ class Weight16Linear(DecodeLinear):
         55 ms converting the whole weight first, and 7 ms in bf16 (oneDNN, bf16 activations);
       - compiled with several rows, and CUDA: the weight converted to the activations' dtype
         and F.linear (under torch.compile on CUDA the cast fuses into the GEMV, as int8's does).
-    The state_dict holds the (N, K) fp16 rows."""
+    The state_dict holds the (N, K) 16-bit rows."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         # 16-bit rows read from a file stay a view of it, as a bf16 model's do (the loop does not need them aligned)
