@@ -1,4 +1,4 @@
-"""Weight-only quantization (int8, int4, fp16) and the 16-bit CPU path, applied to a model from outside.
+"""Weight-only quantization (int8, int4, fp16, bf16) and the 16-bit CPU path, applied to a model from outside.
 
     from minidolly import load_model
     model = load_model("databricks/dolly-v2-3b", quantize="int4")   # or quantize_model(model, "int4")
@@ -819,7 +819,7 @@ def linear_from_file(name: str, tensors: dict, bias: torch.Tensor | None, mode: 
     if mode == "int8":
         return Int8Linear(t["weight"], t["weight_scale"], bias, EXACT_TOP_K if name == "embed_out" else 0)
     if mode in WEIGHT16:
-        return Weight16Linear(t["weight"].to(WEIGHT16[mode]), bias)
+        return Weight16Linear(t["weight"], bias)
     return Int4Linear(t["weight"], t["weight_scale"], t["weight_zero"], bias, group_size)
 
 
