@@ -213,9 +213,9 @@ def compiled_decode_step(device):
     step is captured as a CUDA graph and replayed with one launch, instead of launching ~20
     kernels per layer from Python; the cache tensors are static (KVCache marks them), so the
     graph writes them in place. On CPU, inductor's default mode (fused C++ loops) without its
-    size and alignment asserts: the generated Python checks every input's strides and every
-    op's output on each call, which the guards and the ops' own shapes already ensure, and a
-    step calls it some 400 times (410m int8: 46.2 -> 47.6 tok/s, docs/generation.md).
+    size and alignment asserts: the generated Python would check every input's strides and
+    every op's output on each call, some 400 checks a step, which the guards and the ops' own
+    shapes already ensure (410m int8: 46.2 -> 47.6 tok/s, docs/generation.md).
     A different module (a quantized Linear swapped in) is traced like any other.
     Raises CompilerMissingError on CPU without a C++ compiler.
     """
