@@ -182,7 +182,8 @@ def load_records(path: str | None = None, *, skip_bad_records: bool = False) -> 
 @dataclass
 class Example:
     """One tokenized record: `labels[t]` is input_ids[t] where the token is learned from,
-    IGNORE_INDEX (-100) on the prompt. Unshifted: the loop compares logits[:, :-1] with labels[:, 1:]."""
+    IGNORE_INDEX (-100) on the prompt. Unshifted: `train.loss_sum` shifts the labels left, so
+    the prediction at position t is scored against token t+1."""
 
     input_ids: list[int]
     labels: list[int]
@@ -380,8 +381,8 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a micro-batch. Returns {"input_ids": (B, T) long padded with pad_id,
     "labels": (B, T) long with -100 on padding}, T the longest example.
 
-    Labels are not shifted: position t's label is token t, so the loop compares
-    logits[:, :-1] with labels[:, 1:]. Right padding needs no attention mask under a causal
+    Labels are not shifted: position t's label is token t, and `train.loss_sum` shifts them
+    left to score the prediction at t against token t+1. Right padding needs no attention mask under a causal
     model: real tokens never attend to the pads after them.
     """
     T = max(len(e.input_ids) for e in examples)
