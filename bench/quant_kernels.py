@@ -29,6 +29,14 @@ bandwidth probe (fp32, a 256 MiB matrix) measured in the same run. Kernels
     int4 pack_mm gN             torch._weight_int4pack_mm_for_cpu, a scale and zero per N inputs
     int4 dequant g64            nibbles unpacked and dequantized, then F.linear (eager)
     int4 compiled g64           the same through torch.compile
+    int4 template g64           torch._weight_int4pack_mm_for_cpu under torch.compile's
+                                max-autotune with freezing: inductor times its own C++ WoQ-int4
+                                GEMM template (AVX-512 or AMX micro-kernel) against torch's kernel
+                                and keeps the faster; the template needs the weight as a frozen
+                                constant, so each weight copy compiles its own graph
+    int4 dyn_quant g64          torch._dyn_quant_matmul_4bit: activations quantized to int8 per
+                                row, integer products with the nibbles (KleidiAI on Arm; a
+                                reference loop on x86)
     torchao ...                 torchao's int8 / int4 weight-only Linear, when torchao is installed
 
 Activations are fp32 ("/f32"), bf16 ("/bf16") or fp16 ("/fp16"). Each time is the median of
@@ -42,8 +50,10 @@ import copy
 import os
 import sys
 import time
+import types
 
 import torch
+import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -113,12 +123,56 @@ def candidates(W: torch.Tensor, compile: bool, group_sizes: list[int]) -> dict:
                 lambda x, p, sz, g=g: torch._weight_int4pack_mm_for_cpu(x, p, g, sz), act, nbytes)
         if g == 64:
             out["int4 dequant g64/bf16"] = ((nibbles, scale, zero), dequant4, BF16, nbytes)
+            dyn = torch.ops.aten._dyn_quant_pack_4bit_weight(dyn_quant_nibbles(nibbles), scale.float(), None, g, K, N)
+            out["int4 dyn_quant g64/f32"] = ((dyn,), lambda x, w, g=g: torch.ops.aten._dyn_quant_matmul_4bit(x, w, g, K, N),
+                                             FP32, nbytes)
             if compile:
                 compiled4 = torch.compile(dequant4, dynamic=False)
                 for act in (FP32, BF16):
                     out[f"int4 compiled g64/{SHORT[act]}"] = ((nibbles, scale, zero), compiled4, act, nbytes)
+                out["int4 template g64/bf16"] = ((Int4Template(packed, Q.scales_and_zeros(scale, zero, BF16), g),),
+                                                 lambda x, m: m(x), BF16, nbytes)
     out.update(torchao_candidates(W))
     return out
+
+
+def dyn_quant_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
+    """Our nibbles (q[2j] high, q[2j+1] low) in the order _dyn_quant_pack_4bit_weight reads
+    (q[2j] low, q[2j+1] high). Its kernel is symmetric, (q - 8) * scale: no zeros, so its
+    output differs from the others' by the zeros' term, which does not change its speed."""
+    return (nibbles >> 4) | (nibbles << 4)
+
+
+class Int4Template(torch.nn.Module):
+    """One int4 weight through torch.compile(mode="max-autotune") with freezing (see the
+    docstring's "int4 template"). The template needs the weight as a constant, so each copy
+    (`clone`) compiles a graph of its own, from a code object of its own: Dynamo keeps one
+    cache per code object, and one cache holding every copy's graph would be searched on
+    every call."""
+
+    def __init__(self, packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int):
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_zeros", scales_zeros)
+        self.group_size, self.warm = group_size, False
+        code = _int4_template_mm.__code__.replace()  # a new code object, the same code
+        self.compiled = torch.compile(types.FunctionType(code, globals(), "int4_template_mm", (self,)),
+                                      mode="max-autotune-no-cudagraphs", dynamic=False)
+
+    @torch.no_grad()
+    def forward(self, x):
+        if not self.warm:  # freezing matters while compiling (the first call) only
+            self.warm = True
+            with inductor_config.patch(freezing=True):
+                return self.compiled(x)
+        return self.compiled(x)
+
+    def __deepcopy__(self, memo):
+        return Int4Template(self.packed.clone(), self.scales_zeros.clone(), self.group_size)
+
+
+def _int4_template_mm(x, m):
+    return torch._weight_int4pack_mm_for_cpu(x, m.packed, m.group_size, m.scales_zeros)
 
 
 def linear_without_onednn(x, w):
