@@ -34,9 +34,11 @@ average is printed before and after. Per row:
                 llama.cpp, every tensor of the GGUF file but token_embd
     GB/s        MB/token x tok/s, and "of probe": that over what torch.mv reads from memory
                 (a 256 MiB fp32 matrix, far past the caches) between the rows of the same run
-    RSS GB      the row's process: its peak resident memory (VmHWM), and its private memory at
-                the end (RssAnon: without the pages of the files it maps, which the kernel can drop
-                and read again); on CUDA the peak of allocated GPU memory
+    RSS GB      the row's process: its peak resident memory (VmHWM, which counts the pages of
+                the files it maps), and its private memory after the last token, the engine still
+                loaded (RssAnon: without the mapped files' pages, which are clean and which the
+                kernel drops under memory pressure and reads again); on CUDA the peak of allocated
+                GPU memory
     vs llama    tok/s over llama.cpp's at the same width (bf16, fp16, fp16w, bf16w vs f16, int8 vs q8_0,
                 int4 vs q4_0, fp32 vs f32); vs HF: over transformers fp32's (bf16 on CUDA)
 Every engine gets --threads threads (default: half the cores, llama-cpp-python's own default
@@ -170,6 +172,7 @@ def run_minidolly(job) -> dict:
     out["warmup_s"] = time.perf_counter() - start
     timed(4)
     out["steps"], out["prefill_s"] = timed(job["new_tokens"])
+    out["anon_bytes"] = rss_anon_bytes()  # with the model still loaded
     if job.get("profile"):
         out["profile"] = profile_steps(lambda: timed(17), 16)
     return out
@@ -221,6 +224,7 @@ def run_transformers(job) -> dict:
     timed(4)
     timed(4)
     out["steps"], out["prefill_s"] = timed(job["new_tokens"])
+    out["anon_bytes"] = rss_anon_bytes()  # with the model still loaded
     return out
 
 
@@ -257,6 +261,7 @@ def run_llama(job) -> dict:
     timed(4)
     timed(4)
     out["steps"], out["prefill_s"] = timed(job["new_tokens"])
+    out["anon_bytes"] = rss_anon_bytes()  # with the model still loaded
     return out
 
 
@@ -274,7 +279,7 @@ def child(job_json: str) -> None:
     if job["device"] == "cuda":
         out["peak_bytes"] = torch.cuda.max_memory_allocated()
     else:
-        out["peak_bytes"], out["anon_bytes"] = peak_rss_bytes(), rss_anon_bytes()
+        out["peak_bytes"] = peak_rss_bytes()
     print("RESULT " + json.dumps(out), flush=True)
 
 

@@ -34,6 +34,9 @@ bandwidth probe (fp32, a 256 MiB matrix) measured in the same run. Kernels
                                 GEMM template (AVX-512 or AMX micro-kernel) against torch's kernel
                                 and keeps the faster; the template needs the weight as a frozen
                                 constant, so each weight copy compiles its own graph
+    int4 int-dot g64            q4_0's arithmetic written for inductor: the activations quantized
+                                to int8 per row, times the nibbles in int32, summed per group,
+                                scaled (torch.compile)
     int4 dyn_quant g64          torch._dyn_quant_matmul_4bit: activations quantized to int8 per
                                 row, integer products with the nibbles (KleidiAI on Arm; a
                                 reference loop on x86)
@@ -130,10 +133,26 @@ def candidates(W: torch.Tensor, compile: bool, group_sizes: list[int]) -> dict:
                 compiled4 = torch.compile(dequant4, dynamic=False)
                 for act in (FP32, BF16):
                     out[f"int4 compiled g64/{SHORT[act]}"] = ((nibbles, scale, zero), compiled4, act, nbytes)
+                out["int4 int-dot g64/f32"] = ((nibbles, scale, zero), torch.compile(int4_integer_dot, dynamic=False),
+                                                        FP32, nbytes)
                 out["int4 template g64/bf16"] = ((Int4Template(packed, Q.scales_and_zeros(scale, zero, BF16), g),),
                                                  lambda x, m: m(x), BF16, nbytes)
     out.update(torchao_candidates(W))
     return out
+
+
+def int4_integer_dot(x, nibbles, scale, zero, group_size=64):
+    """x (B, K) @ the int4 weight, as q4_0 computes it: x quantized to int8 per row (scale
+    s), each group's integer dot product with the nibbles, then scale * s * dot + zero * sum(x)."""
+    B, K = x.shape
+    N, G, half = nibbles.shape[0], K // group_size, group_size // 2
+    s = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127  # (B, 1)
+    xq = (x / s).round().to(torch.int32).view(B, 1, G, half, 2)  # (B, 1, G, g/2, 2): pairs of a byte
+    w = nibbles.view(1, N, G, half)  # (1, N, G, g/2): q[2j] high, q[2j+1] low
+    dot = ((w >> 4).to(torch.int32) * xq[..., 0] + (w & 15).to(torch.int32) * xq[..., 1]).sum(-1, dtype=torch.int32)
+    dot = dot - 8 * xq.sum((-1, -2), dtype=torch.int32)  # (B, N, G): sum of (q - 8) x
+    group_sums = x.view(B, 1, G, group_size).sum(-1)  # (B, 1, G)
+    return (dot.float() * (scale.float() * s[..., None]) + zero.float() * group_sums).sum(-1)  # (B, N)
 
 
 def dyn_quant_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
