@@ -126,15 +126,13 @@ def candidates(W: torch.Tensor, compile: bool, group_sizes: list[int]) -> dict:
                 lambda x, p, sz, g=g: torch._weight_int4pack_mm_for_cpu(x, p, g, sz), act, nbytes)
         if g == 64:
             out["int4 dequant g64/bf16"] = ((nibbles, scale, zero), dequant4, BF16, nbytes)
-            dyn = torch.ops.aten._dyn_quant_pack_4bit_weight(dyn_quant_nibbles(nibbles), scale.float(), None, g, K, N)
-            out["int4 dyn_quant g64/f32"] = ((dyn,), lambda x, w, g=g: torch.ops.aten._dyn_quant_matmul_4bit(x, w, g, K, N),
-                                             FP32, nbytes)
+            out.update(dyn_quant_candidate(nibbles, scale, g, nbytes))
             if compile:
                 compiled4 = torch.compile(dequant4, dynamic=False)
                 for act in (FP32, BF16):
                     out[f"int4 compiled g64/{SHORT[act]}"] = ((nibbles, scale, zero), compiled4, act, nbytes)
-                out["int4 int-dot g64/f32"] = ((nibbles, scale, zero), torch.compile(int4_integer_dot, dynamic=False),
-                                                        FP32, nbytes)
+                int_dot = torch.compile(int4_integer_dot, dynamic=False)
+                out["int4 int-dot g64/f32"] = ((nibbles, scale, zero), int_dot, FP32, nbytes)
                 out["int4 template g64/bf16"] = ((Int4Template(packed, Q.scales_and_zeros(scale, zero, BF16), g),),
                                                  lambda x, m: m(x), BF16, nbytes)
     out.update(torchao_candidates(W))
@@ -155,11 +153,20 @@ def int4_integer_dot(x, nibbles, scale, zero, group_size=64):
     return (dot.float() * (scale.float() * s[..., None]) + zero.float() * group_sums).sum(-1)  # (B, N)
 
 
-def dyn_quant_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
-    """Our nibbles (q[2j] high, q[2j+1] low) in the order _dyn_quant_pack_4bit_weight reads
-    (q[2j] low, q[2j+1] high). Its kernel is symmetric, (q - 8) * scale: no zeros, so its
-    output differs from the others' by the zeros' term, which does not change its speed."""
-    return (nibbles >> 4) | (nibbles << 4)
+def dyn_quant_candidate(nibbles: torch.Tensor, scale: torch.Tensor, group_size: int, nbytes: int) -> dict:
+    """torch._dyn_quant_matmul_4bit on our nibbles, swapped into the order its packing reads
+    (q[2j] in the low, q[2j+1] in the high nibble). Its kernel is symmetric, (q - 8) * scale:
+    no zeros, so its output differs from the others' by the zeros' term, which does not change
+    its speed. Skipped with a note where this torch build turns it down."""
+    N, K = nibbles.shape[0], 2 * nibbles.shape[1]
+    try:
+        packed = torch.ops.aten._dyn_quant_pack_4bit_weight((nibbles >> 4) | (nibbles << 4), scale.float(), None,
+                                                            group_size, K, N)
+    except (RuntimeError, NotImplementedError) as e:
+        print(f"  (int4 dyn_quant skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        return {}
+    mm = lambda x, w: torch.ops.aten._dyn_quant_matmul_4bit(x, w, group_size, K, N)  # noqa: E731
+    return {f"int4 dyn_quant g{group_size}/f32": ((packed,), mm, FP32, nbytes)}
 
 
 class Int4Template(torch.nn.Module):

@@ -382,8 +382,8 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     "labels": (B, T) long with -100 on padding}, T the longest example.
 
     Labels are not shifted: position t's label is token t, and `train.loss_sum` shifts them
-    left to score the prediction at t against token t+1. Right padding needs no attention mask under a causal
-    model: real tokens never attend to the pads after them.
+    left to score the prediction at t against token t+1. Right padding needs no attention mask
+    under a causal model: real tokens never attend to the pads after them.
     """
     T = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
