@@ -141,11 +141,12 @@ def candidates(W: torch.Tensor, compile: bool, group_sizes: list[int]) -> dict:
 
 def int4_integer_dot(x, nibbles, scale, zero, group_size=64):
     """x (B, K) @ the int4 weight, as q4_0 computes it: x quantized to int8 per row (scale
-    s), each group's integer dot product with the nibbles, then scale * s * dot + zero * sum(x)."""
+    s; the first of Int8Linear's two digits), each group's integer dot product with the
+    nibbles, then scale * s * dot + zero * sum(x)."""
     B, K = x.shape
     N, G, half = nibbles.shape[0], K // group_size, group_size // 2
-    s = x.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127  # (B, 1)
-    xq = (x / s).round().to(torch.int32).view(B, 1, G, half, 2)  # (B, 1, G, g/2, 2): pairs of a byte
+    digits, s = Q.int8_digits(x)  # (2B, K): the first B rows are round(x / s), s (B, 1)
+    xq = digits[:B].to(torch.int32).view(B, 1, G, half, 2)  # (B, 1, G, g/2, 2): pairs of a byte
     w = nibbles.view(1, N, G, half)  # (1, N, G, g/2): q[2j] high, q[2j+1] low
     dot = ((w >> 4).to(torch.int32) * xq[..., 0] + (w & 15).to(torch.int32) * xq[..., 1]).sum(-1, dtype=torch.int32)
     dot = dot - 8 * xq.sum((-1, -2), dtype=torch.int32)  # (B, N, G): sum of (q - 8) x
