@@ -69,6 +69,9 @@ def parse_args(argv):
                         "fp16 / bf16: 16-bit weights with the activations kept in --dtype (fp16: llama.cpp f16's "
                         "numerics; bf16: less accurate, faster with --compile)")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 (default), 128 or 256")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="what the KV cache stores keys and values in; auto: float16 with --quantize and float32 "
+                        "activations (as llama.cpp's cache), else --dtype")
     p.add_argument("--export-gguf", metavar="PATH", default=None,
                    help="write --model as a GGUF file for llama.cpp / Ollama, then exit")
     p.add_argument("--gguf-type", choices=["f32", "f16", "q8_0", "q4_0"], default="f16",
@@ -186,7 +189,7 @@ def answer(model, tokenizer, args, instruction, context):
     from minidolly import generate, stream
 
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, seed=args.seed, compile=args.compile)
+                  top_p=args.top_p, seed=args.seed, compile=args.compile, kv_cache_dtype=args.kv_cache_dtype)
     stats, streamed = {}, False
     try:
         if args.no_stream:
@@ -218,7 +221,7 @@ def answer_file(model, tokenizer, args, records):
     from minidolly import generate
 
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, seed=args.seed, compile=args.compile)
+                  top_p=args.top_p, seed=args.seed, compile=args.compile, kv_cache_dtype=args.kv_cache_dtype)
     partial = partial_path(args.output_file)
     done = answered_before(partial, records, args.input_file)
     if done:
@@ -364,7 +367,7 @@ def run_server(model, tokenizer, args, sock):
 
     try:
         engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                        compile=args.compile)
+                        compile=args.compile, kv_cache_dtype=args.kv_cache_dtype)
     except RuntimeError as e:
         if "memory" not in str(e).lower():
             raise

@@ -11,13 +11,15 @@ llama.cpp, GGUF files of the same weights: f32 and f16 by save_gguf, q8_0 and q4
 the f32 file by llama.cpp's own quantizer (llama_model_quantize, default settings, as users
 make them). Every row is then a fresh process that loads its engine from those files the way
 a user does (minidolly: load_model(dtype=, quantize=) and prepare_for_cpu, as generate.py),
-warms up, and generates 128 greedy tokens after a 32-token prompt at batch 1:
+warms up, and generates 128 greedy tokens after a 32-token prompt at batch 1 (--new-tokens,
+--prompt-tokens: a long prompt makes the KV cache a share of what each decode step reads):
 
     minidolly fp32 / bf16      the whole model in that dtype (eager: oneDNN-packed linears)
     minidolly int8 / int4 / fp16w / bf16w   weight-only int8 per channel / int4 g64 (embed_out
                                int8) / fp16 or bf16 (--quantize fp16 / bf16: 16-bit weights, fp32
                                activations; fp16 is llama.cpp f16's arithmetic), loaded from
-                               checkpoints saved quantized (as llama.cpp loads a quantized file)
+                               checkpoints saved quantized (as llama.cpp loads a quantized file);
+                               their KV cache is fp16, as llama.cpp's (generate.choose_kv_dtype)
     ... compiled               the same with compile=True (the static decode step through inductor,
                                after prepare_for_cpu(model, compile=True): at batch 1 every linear but
                                int4's is inductor's own GEMV loop; the best settings on CPU)
@@ -28,7 +30,7 @@ The rows are interleaved (every row once, then every row again, --repeats times)
 figure is the median over the repeats, so a neighbour's load hits every row alike; the load
 average is printed before and after. Per row:
     tok/s       1 / the median decode step (each step ends with the token read on the host)
-    prefill ms  the 32-token prompt to the first token
+    prefill ms  the prompt to the first token
     MB/token    bytes of weights a decode step reads: every parameter and buffer (quantized
                 weights are buffers, or fbgemm's packed int8) but the token embedding, of which it reads one row; for
                 llama.cpp, every tensor of the GGUF file but token_embd
@@ -234,7 +236,7 @@ def run_llama(job) -> dict:
 
     threads = job["threads"]
     start = time.perf_counter()
-    llm = llama_cpp.Llama(job["gguf"], n_ctx=PROMPT_TOKENS + job["new_tokens"] + 16, n_batch=PROMPT_TOKENS,
+    llm = llama_cpp.Llama(job["gguf"], n_ctx=len(job["prompt"]) + job["new_tokens"] + 16, n_batch=len(job["prompt"]),
                           n_threads=threads, n_threads_batch=threads, verbose=False)
     out = dict(load_s=time.perf_counter() - start)
     vocab = llm.n_vocab()
@@ -477,11 +479,15 @@ def main():
     p.add_argument("--profile", action="store_true",
                    help="also profile 16 decode steps of every minidolly row (torch.profiler) and print where the time goes")
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                    help="threads of every engine (default: half the cores, llama-cpp-python's default)")
     p.add_argument("--row-timeout", type=float, default=900, help="seconds one row may take before it counts as failed")
     p.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temporary directory)")
     args = p.parse_args()
+    if not 1 <= args.prompt_tokens <= 2048 - 16 - args.new_tokens:
+        p.error(f"--prompt-tokens {args.prompt_tokens} with --new-tokens {args.new_tokens}: the prompt needs 1 token "
+                "and the two together must leave 16 of Pythia's 2048 positions.")
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         sys.exit("error: --device cuda, but torch sees no CUDA GPU.")
@@ -516,12 +522,12 @@ def main():
     device = torch.cuda.get_device_name() if cuda else f"CPU {cpu_description()}"
     print(f"{time.strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}; {device}; {args.threads} threads per engine; "
           f"{platform.node()}")
-    print(f"prompt {PROMPT_TOKENS} tokens, {args.new_tokens} new tokens, greedy, batch 1; median of {args.repeats} "
+    print(f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, greedy, batch 1; median of {args.repeats} "
           f"interleaved repeats, each row in a fresh process")
     for n in notes:
         print(n)
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-    prompt = torch.randint(0, 50000, (PROMPT_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = torch.randint(0, 50000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     all_targets, started = [], time.perf_counter()
     if args.workdir:
         os.makedirs(args.workdir, exist_ok=True)
@@ -551,7 +557,7 @@ def main():
                     if r["engine"] == "llama.cpp" and res.get("crashed") and not job["one_by_one"]:
                         # llama.cpp's repacked buffers have crashed on multi-token evaluation on some CPUs
                         one_by_one[r["width"]] = job["one_by_one"] = True
-                        notes_line = f"{size} llama.cpp {r['width']}: crashed on the 32-token prompt ({res['error']}); " \
+                        notes_line = f"{size} llama.cpp {r['width']}: crashed on the {len(prompt)}-token prompt ({res['error']}); " \
                                      f"the prompt is fed one token at a time (decode is unaffected)"
                         print(notes_line, flush=True)
                         res = run_row(job, args.row_timeout)

@@ -18,6 +18,9 @@ users make them: q4_0 keeps `output` in q6_K), and save_gguf's own q8_0 / q4_0.
 "ours fp16 / bf16 (weight-only)" are load_model(quantize="fp16" / "bf16"): 16-bit weights, fp32
 activations, as a prompt and a compiled decode step compute them (eager batch-1 decoding
 rounds each linear's input and output to 16 bits as well: the "... in/out*" rows).
+Every row of ours runs the text as a prompt through the KV cache generate would use: for
+quantized weights its keys and values are fp16, as llama.cpp's f16 cache holds them
+(generate.choose_kv_dtype); the "fp32 cache" rows keep them exact, to show the cache's share.
 Rows marked * are numerics only: 16-bit weights in an fp32 model (F.linear on fp32 copies of the
 16-bit weights, with the roundings of the input and output a kernel would make); they say where
 whole-model bf16 loses its accuracy (docs/generation.md, "The 16-bit quality gap").
@@ -44,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minidolly import load_model, load_tokenizer, save_gguf  # noqa: E402
 from minidolly.data import load_records, tokenize_records, train_val_split  # noqa: E402
+from minidolly.generate import generation_cache  # noqa: E402
 from minidolly.quantize import cpu_description  # noqa: E402
 
 RECORDS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
@@ -58,8 +62,12 @@ def kl_top1(ref_logp: torch.Tensor, logits: torch.Tensor) -> tuple[float, float,
 
 
 @torch.inference_mode()
-def ours_logits(model, ids: list[int]) -> torch.Tensor:
-    return model(torch.tensor([ids]))[0].float()
+def ours_logits(model, ids: list[int], kv_dtype=None) -> torch.Tensor:
+    """(T, V) logits of the text as one prompt through a generation cache, whose keys and values
+    are in generate's dtype for the model (choose_kv_dtype: fp16 for quantized weights, as
+    llama.cpp's rows go through its f16 cache), or in `kv_dtype`."""
+    cache = generation_cache(model, 1, len(ids), reuse=False, kv_dtype=kv_dtype)
+    return model(torch.tensor([ids]), cache=cache)[0].float()
 
 
 class WeightOnly16(torch.nn.Module):
@@ -139,6 +147,8 @@ def main():
     for mode in ("fp16", "bf16"):
         m = load_model(args.model, quantize=mode)
         rows.append((f"ours {mode} (weight-only)", 16, lambda ids, m=m: ours_logits(m, ids)))
+        if mode == "fp16":
+            rows.append(("ours fp16 (w-only), fp32 cache", 16, lambda ids, m=m: ours_logits(m, ids, torch.float32)))
     for name, dtype, io, logits_fp32 in (("bf16 weights, bf16 in/out*", torch.bfloat16, torch.bfloat16, False),
                                          ("bf16 weights, fp32 in/out*", torch.bfloat16, torch.float32, True),
                                          ("fp16 weights, fp16 in/out*", torch.float16, torch.float16, False),
@@ -147,6 +157,7 @@ def main():
         rows.append((name, 16, lambda ids, m=m: ours_logits(m, ids)))
     int8 = load_model(args.model, quantize="int8")
     rows.append(("ours int8 (per channel)", 8 + 16 / C, lambda ids: ours_logits(int8, ids)))
+    rows.append(("ours int8, fp32 cache", 8 + 16 / C, lambda ids: ours_logits(int8, ids, torch.float32)))
     for g in args.group_sizes:
         m = load_model(args.model, quantize="int4", group_size=g)
         rows.append((f"ours int4 g{g} (embed_out int8)", 4 + 32 / g, lambda ids, m=m: ours_logits(m, ids)))

@@ -43,8 +43,8 @@ from typing import Callable
 
 import torch
 
-from .generate import (SamplingError, TextAssembler, check_sampling, checked_tokens, compiled_decode_step, decode_step,
-                       prefill, window_length)
+from .generate import (SamplingError, TextAssembler, check_sampling, checked_tokens, choose_kv_dtype, compiled_decode_step,
+                       decode_step, prefill, window_length)
 from .model import GPTNeoX, KVCache
 from .tokenizer import Tokenizer
 
@@ -169,12 +169,14 @@ class Engine:
     compile: decode through `compiled_decode_step` (all slots every step; on CUDA one graph
         per window length, on CPU one graph for all: `window_length`); eager decoding runs
         only the slots up to the highest busy one.
+    kv_cache_dtype: what the cache stores keys and values in, as for `generate`
+        (generate.choose_kv_dtype: fp16 for a quantized model with fp32 activations).
     `start()` starts the engine thread; `close()` ends every request (finish_reason
     "shutdown") and stops it.
     """
 
     def __init__(self, model: GPTNeoX, tokenizer: Tokenizer, *, max_batch_size: int = 8, max_queue: int = 64,
-                 compile: bool = False):
+                 compile: bool = False, kv_cache_dtype: str | torch.dtype | None = None):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}.")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
@@ -186,7 +188,8 @@ class Engine:
         weight = model.embed_in.weight
         self.device = weight.device
         with torch.inference_mode():
-            self.cache = KVCache(model.config, max_batch_size, self.max_length, device=self.device, dtype=weight.dtype)
+            self.cache = KVCache(model.config, max_batch_size, self.max_length, device=self.device, dtype=weight.dtype,
+                                 kv_dtype=choose_kv_dtype(model, kv_cache_dtype))
             self._feed = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)  # (slots,) next inputs
         self._step = compiled_decode_step(self.device) if compile else decode_step
         self._views: dict[tuple[int, int], KVCache] = {}  # (slots, window) -> a view of the cache, kept

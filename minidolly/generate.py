@@ -35,6 +35,7 @@ import torch
 
 from .model import GPTNeoX, KVCache
 from .prompt import format_prompt
+from .quantize import quantization_of
 from .tokenizer import Tokenizer
 
 
@@ -262,12 +263,37 @@ def window_length(position: int, max_length: int, graphs: bool) -> int:
     return min(max_length, (position // WINDOW_STEP + 1) * WINDOW_STEP)
 
 
+KV_CACHE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def choose_kv_dtype(model: GPTNeoX, requested: str | torch.dtype | None = None) -> torch.dtype:
+    """The dtype a generation cache for `model` stores keys and values in: the `requested` one
+    (a torch dtype or a key of KV_CACHE_DTYPES) when it names one, else ("auto", None) the model's own,
+    except float16 for a model whose weights are quantized (int8, int4, or 16-bit weight-only)
+    and whose activations are fp32. That is llama.cpp's default cache, f16 whatever the
+    weights: a decode step reads the cache whole, and in fp32 it doubles what the step reads
+    beside the weights (at 410m int8 with a 1024-token prompt, fp32 keys and values weigh
+    more than half the weights). A full-precision model keeps an exact cache.
+    Raises ValueError for anything else (the argument is kv_cache_dtype wherever a user gives it)."""
+    if isinstance(requested, str):
+        if requested not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {requested!r}.")
+        requested = KV_CACHE_DTYPES[requested]
+    if requested is not None:
+        if requested not in KV_CACHE_DTYPES.values():
+            raise ValueError(f"kv_cache_dtype must be float32, bfloat16 or float16, got {requested!r}.")
+        return requested
+    dtype = model.embed_in.weight.dtype
+    return torch.float16 if dtype == torch.float32 and quantization_of(model) is not None else dtype
+
+
 _kept_caches = weakref.WeakKeyDictionary()  # model -> the cache compile=True reuses
 
 
-def generation_cache(model: GPTNeoX, batch_size: int, length: int, reuse: bool) -> KVCache:
-    """A KVCache with at least `batch_size` slots of at least `length` positions, in the
-    model's dtype and on its device.
+def generation_cache(model: GPTNeoX, batch_size: int, length: int, reuse: bool, kv_dtype: torch.dtype | None = None) -> KVCache:
+    """A KVCache with at least `batch_size` slots of at least `length` positions, on the model's
+    device, its rotary table in the model's dtype, its keys and values in `kv_dtype`
+    (choose_kv_dtype's by default).
 
     reuse=False: a new one of exactly that size. reuse=True (compile=True): one cache per
     model, kept between calls (and freed with the model), so the compiled step meets the same
@@ -277,11 +303,12 @@ def generation_cache(model: GPTNeoX, batch_size: int, length: int, reuse: bool) 
     on one model.
     """
     weight = model.embed_in.weight
+    kv_dtype = kv_dtype or choose_kv_dtype(model)
     if not reuse:
-        return KVCache(model.config, batch_size, length, device=weight.device, dtype=weight.dtype)
+        return KVCache(model.config, batch_size, length, device=weight.device, dtype=weight.dtype, kv_dtype=kv_dtype)
     cache = _kept_caches.get(model)
     fits = cache is not None and cache.batch_size >= batch_size and cache.max_length >= length \
-        and cache.k[0].dtype == weight.dtype and cache.k[0].device == weight.device
+        and cache.k[0].dtype == kv_dtype and cache.cos.dtype == weight.dtype and cache.k[0].device == weight.device
     if not fits:
         if cache is not None:
             batch_size = max(batch_size, cache.batch_size)
@@ -289,7 +316,8 @@ def generation_cache(model: GPTNeoX, batch_size: int, length: int, reuse: bool) 
             del _kept_caches[model], cache  # free it before the bigger one is allocated
         bucket = max(256, 1 << (length - 1).bit_length())
         length = max(length, min(bucket, model.config.max_position_embeddings))
-        cache = _kept_caches[model] = KVCache(model.config, batch_size, length, device=weight.device, dtype=weight.dtype)
+        cache = _kept_caches[model] = KVCache(model.config, batch_size, length, device=weight.device, dtype=weight.dtype,
+                                              kv_dtype=kv_dtype)
     return cache
 
 
@@ -315,7 +343,8 @@ def checked_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
 @torch.inference_mode()
 def decode(model: GPTNeoX, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
            top_k: int = 0, top_p: float = 1.0, seed: int | None = None, stop_ids=(), pad_id: int = 0,
-           compile: bool = False, stats: dict | None = None) -> Iterator[list[int | None]]:
+           compile: bool = False, kv_cache_dtype: str | torch.dtype | None = None,
+           stats: dict | None = None) -> Iterator[list[int | None]]:
     """Generate from a batch of tokenized prompts, yielding one step at a time.
 
     Each step yields a list with every row's new token, or None for a row that stopped at an
@@ -323,13 +352,16 @@ def decode(model: GPTNeoX, prompts: list[list[int]], *, max_new_tokens: int, tem
     samples with its own torch.Generator seeded `seed`, so each row gets exactly the tokens it
     would get alone. `compile` runs the decode steps through `compiled_decode_step` with a
     cache reused across calls (`generation_cache`); the tokens are those of eager decoding.
+    `kv_cache_dtype` ("auto" or None, "float32", "bfloat16", "float16", or a torch dtype): what
+    the cache stores keys and values in; choose_kv_dtype says what auto picks.
     `stats`, when given, receives prompt_tokens, new_tokens, prefill_seconds and decode_seconds.
     One host sync per step: reading the new tokens. Raises NonFiniteLogitsError when a
     running row's logits are NaN or infinite.
     """
     device = model.embed_in.weight.device
     B, lengths = len(prompts), [len(p) for p in prompts]
-    cache = generation_cache(model, B, max(lengths) + max_new_tokens, reuse=compile)
+    cache = generation_cache(model, B, max(lengths) + max_new_tokens, reuse=compile,
+                             kv_dtype=choose_kv_dtype(model, kv_cache_dtype))
     step_fn = compiled_decode_step(device) if compile else decode_step
     slots = cache.batch_size  # >= B: a kept cache may have more; the spare slots decode garbage
     # The view of the cache each step reads: the least window that holds the furthest row, one
@@ -413,9 +445,10 @@ class TextAssembler:
 # ------------------------------------------------------------------ public API
 
 
-def _prepare(model, tokenizer, instruction, context, max_new_tokens, temperature, top_k, top_p):
+def _prepare(model, tokenizer, instruction, context, max_new_tokens, temperature, top_k, top_p, kv_cache_dtype):
     """Check the arguments and encode every prompt; returns (prompts, truncated flags)."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
+    choose_kv_dtype(model, kv_cache_dtype)
     instructions = [instruction] if isinstance(instruction, str) else list(instruction)
     if not instructions:
         raise ValueError("The list of instructions is empty.")
@@ -449,7 +482,8 @@ def _stop_ids(tokenizer: Tokenizer) -> list[int]:
 
 def generate(model: GPTNeoX, tokenizer: Tokenizer, instruction: str | list[str], context: str | list | None = None,
              *, max_new_tokens: int = 256, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.92,
-             seed: int | None = None, compile: bool = False, stats: dict | None = None) -> str | list[str]:
+             seed: int | None = None, compile: bool = False, kv_cache_dtype: str | torch.dtype | None = None,
+             stats: dict | None = None) -> str | list[str]:
     """Dolly's answer to `instruction` (with optional `context`, the "Input:" of the prompt).
 
     Defaults are those of Dolly's own pipeline (sampling, top_p 0.92, 256 new tokens);
@@ -459,17 +493,18 @@ def generate(model: GPTNeoX, tokenizer: Tokenizer, instruction: str | list[str],
     a list of answers, each what that instruction gives alone.
     `compile` compiles the decode step once per model and cache size (CUDA graphs on a GPU):
     seconds to minutes the first time, then every later call of any prompt length and
-    max_new_tokens reuses it (docs/generation.md). `stats`, when given, receives
+    max_new_tokens reuses it (docs/generation.md). `kv_cache_dtype`: see `decode`. `stats`, when given, receives
     prompt_tokens, new_tokens, prefill_seconds, decode_seconds and truncated (one flag per prompt).
     Returns the answer text, stripped. Raises ValueError for an empty instruction, an
     out-of-range argument (SamplingError) or a model that produces NaN logits
     (NonFiniteLogitsError); warns (PromptTruncatedWarning) when a prompt had to be cut.
     """
-    prompts, truncated = _prepare(model, tokenizer, instruction, context, max_new_tokens, temperature, top_k, top_p)
+    prompts, truncated = _prepare(model, tokenizer, instruction, context, max_new_tokens, temperature, top_k, top_p,
+                                  kv_cache_dtype)
     outputs = [[] for _ in prompts]
     for step in decode(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p, seed=seed, stop_ids=_stop_ids(tokenizer), pad_id=tokenizer.pad_id, compile=compile,
-                       stats=stats):
+                       kv_cache_dtype=kv_cache_dtype, stats=stats):
         for out, token in zip(outputs, step):
             if token is not None:
                 out.append(token)
@@ -481,7 +516,8 @@ def generate(model: GPTNeoX, tokenizer: Tokenizer, instruction: str | list[str],
 
 def stream(model: GPTNeoX, tokenizer: Tokenizer, instruction: str, context: str | None = None,
            *, max_new_tokens: int = 256, temperature: float = 1.0, top_k: int = 0, top_p: float = 0.92,
-           seed: int | None = None, compile: bool = False, stats: dict | None = None) -> Iterator[str]:
+           seed: int | None = None, compile: bool = False, kv_cache_dtype: str | torch.dtype | None = None,
+           stats: dict | None = None) -> Iterator[str]:
     """`generate` for one instruction, yielding text pieces as the tokens arrive.
 
     The pieces concatenate to exactly what `generate` returns with the same arguments; a
@@ -490,12 +526,13 @@ def stream(model: GPTNeoX, tokenizer: Tokenizer, instruction: str, context: str 
     """
     if not isinstance(instruction, str):
         raise TypeError("stream() takes one instruction; use generate() for a list.")
-    prompts, truncated = _prepare(model, tokenizer, instruction, context, max_new_tokens, temperature, top_k, top_p)
+    prompts, truncated = _prepare(model, tokenizer, instruction, context, max_new_tokens, temperature, top_k, top_p,
+                                  kv_cache_dtype)
     if stats is not None:
         stats["truncated"] = truncated
     steps = decode(model, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                    top_p=top_p, seed=seed, stop_ids=_stop_ids(tokenizer), pad_id=tokenizer.pad_id, compile=compile,
-                   stats=stats)
+                   kv_cache_dtype=kv_cache_dtype, stats=stats)
     return _pieces(TextAssembler(tokenizer), steps)
 
 

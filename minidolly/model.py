@@ -82,19 +82,21 @@ class Attention(nn.Module):
         q, k, v = qkv.split(D, dim=-1)  # 3 x (B, H, T, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
-            k, v = kv_cache.update(k, v)  # (B, H, S, D): a decode step reads the whole cache
-        if fused and mask is None and T > 1:
-            y = kernels.flash_attention(q, k, v, causal=True)  # kernels/attention.py
-        elif T == 1 and mask is not None and q.device.type == "cpu" and torch.compiler.is_compiling():
+            k, v = kv_cache.update(k, v)  # (B, H, S, D) in the cache's dtype: a decode step reads the whole cache
+        if T == 1 and mask is not None and q.device.type == "cpu" and torch.compiler.is_compiling():
             y = decode_attention(q, k, v, mask)  # a compiled CPU decode step: see there
-        elif mask is not None and q.dtype != torch.float32 and q.device.type == "cpu":
-            # A decode step on CPU in 16 bits: torch's CPU attention kernel takes 4-8x longer
-            # for one query over the cache in bf16 than in fp32 (310 vs 46 us a layer at 410m,
-            # docs/generation.md), so it runs on fp32 copies; the same result to bf16 rounding.
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
         else:
-            # mask None: plain causal (or one new query, which may see every cached key)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a no-op unless a 16-bit cache serves fp32 activations
+            if fused and mask is None and T > 1:
+                y = kernels.flash_attention(q, k, v, causal=True)  # kernels/attention.py
+            elif mask is not None and q.dtype != torch.float32 and q.device.type == "cpu":
+                # A decode step on CPU in 16 bits: torch's CPU attention kernel takes 4-8x longer
+                # for one query over the cache in bf16 than in fp32 (310 vs 46 us a layer at 410m,
+                # docs/generation.md), so it runs on fp32 copies; the same result to bf16 rounding.
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
+            else:
+                # mask None: plain causal (or one new query, which may see every cached key)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, H, D) -> (B, T, C)
         if rows is not None:
             y = y.flatten(0, 1)[rows]  # (N, C): only the queries whose output is read
@@ -181,15 +183,21 @@ class KVCache:
 
     `cos`, `sin`: the rotary table, (max_length, rotary_dim), made once here and looked up by
     position in every step.
+    dtype: the model's activations (the rotary table's dtype); kv_dtype: what keys and values
+    are stored in, dtype by default. A 16-bit cache under fp32 activations halves what a
+    decode step reads of it (generate.kv_cache_dtype chooses); keys and values are rounded to
+    it as they are stored, and every attention reads them so, prefill included.
     The tensors are marked static for torch.compile: CUDA graphs then update them in place
     instead of copying them into the graph's own memory at every replay.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_length: int, device=None, dtype=None):
+    def __init__(self, config: ModelConfig, batch_size: int, max_length: int, device=None, dtype=None, kv_dtype=None):
         shape = (batch_size, config.num_heads, max_length, config.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.cos, self.sin = rotary_cos_sin(config, torch.arange(max_length, device=device), self.k[0].dtype)
+        kv_dtype = kv_dtype or dtype
+        self.k = [torch.zeros(shape, device=device, dtype=kv_dtype) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=kv_dtype) for _ in range(config.num_layers)]
+        self.cos, self.sin = rotary_cos_sin(config, torch.arange(max_length, device=device),
+                                            dtype or torch.get_default_dtype())
         self.batch_size, self.max_length = batch_size, max_length
         for t in self.k + self.v + [self.cos, self.sin]:
             torch._dynamo.mark_static_address(t)
@@ -237,7 +245,9 @@ class _LayerCache:
 
         positions None (a prefill from position 0): they go to [0, T) of every row and
         attention reads just them, causally. positions (B, T): row b's t-th token goes to index
-        positions[b, t], and attention reads the whole cache, (B, H, S, D), under a mask."""
+        positions[b, t], and attention reads the whole cache, (B, H, S, D), under a mask.
+        Either way in the cache's dtype: attention sees what a later step will read."""
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # (B, H, T, D)
         if self.positions is None:
             self.k[:, :, : k.shape[2]] = k
             self.v[:, :, : v.shape[2]] = v

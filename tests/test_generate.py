@@ -424,6 +424,27 @@ def test_bad_arguments_raise_a_sentence(random_ckpt, tokenizer, kw, word):
         generate(model, tokenizer, "   ")
 
 
+def test_kv_cache_dtype_follows_the_weights_unless_asked(random_ckpt, tokenizer):
+    """auto: a full-precision model keeps its own dtype, a quantized one with fp32 activations
+    gets llama.cpp's fp16 cache; a named dtype wins; anything else is one sentence, raised
+    when generate or stream is called."""
+    from minidolly.generate import choose_kv_dtype, generation_cache
+
+    d, model, _ = random_ckpt
+    int8 = load_model(d, quantize="int8")
+    assert choose_kv_dtype(model) == choose_kv_dtype(model, "auto") == torch.float32
+    assert choose_kv_dtype(load_model(d, dtype=torch.bfloat16)) == torch.bfloat16
+    assert choose_kv_dtype(int8) == torch.float16 and choose_kv_dtype(load_model(d, quantize="bf16")) == torch.float16
+    assert choose_kv_dtype(int8, "float32") == torch.float32 and choose_kv_dtype(model, torch.bfloat16) == torch.bfloat16
+    cache = generation_cache(int8, 1, 8, reuse=False)
+    assert cache.k[0].dtype == torch.float16 and cache.cos.dtype == torch.float32
+    for bad in ("fp8", torch.int8):
+        with pytest.raises(ValueError, match="kv_cache_dtype must be"):
+            generate(model, tokenizer, "Hi.", kv_cache_dtype=bad)
+        with pytest.raises(ValueError, match="kv_cache_dtype must be"):
+            stream(model, tokenizer, "Hi.", kv_cache_dtype=bad)
+
+
 # -------------------------------------------------------------- streaming
 
 

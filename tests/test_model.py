@@ -74,6 +74,30 @@ def test_kv_cache_decode_equals_full_forward(ckpt_14m, tokenizer):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.bfloat16])
+def test_16bit_cache_under_fp32_activations(ckpt_14m, tokenizer, kv_dtype):
+    """A cache that stores keys and values in 16 bits for an fp32 model: the rotary table stays
+    fp32, the logits stay fp32, and prefill and decode steps see the same rounded keys: each
+    step equals the prefill of the whole text through such a cache, and both are the full
+    forward to the 16-bit rounding of keys and values."""
+    model = load_model(ckpt_14m[0])
+    ids = text_batch(tokenizer)
+    B, T = ids.shape
+    with torch.no_grad():
+        full = model(ids)
+        whole = model(ids, cache=KVCache(model.config, B, T, dtype=torch.float32, kv_dtype=kv_dtype))
+        cache = KVCache(model.config, B, T + 5, dtype=torch.float32, kv_dtype=kv_dtype)
+        assert cache.k[0].dtype == cache.v[-1].dtype == kv_dtype and cache.cos.dtype == torch.float32
+        steps = [model(ids[:, :7], cache=cache)]
+        for t in range(7, T):
+            steps.append(model(ids[:, t : t + 1], positions=torch.full((B, 1), t), cache=cache))
+    steps = torch.cat(steps, dim=1)
+    assert steps.dtype == torch.float32
+    torch.testing.assert_close(steps, whole, rtol=0, atol=1e-4)
+    rounding = 1e-2 if kv_dtype == torch.bfloat16 else 2e-3
+    assert 0 < (whole - full).abs().max() <= rounding * full.abs().max()
+
+
 def test_rows_of_different_lengths_each_decode_at_their_own_position(ckpt_14m, tokenizer):
     """Right-padded prefill, then decode steps where every row is at another position: each
     row computes what it computes alone, although the pad tokens wrote keys into its row."""

@@ -477,7 +477,7 @@ def test_prepare_for_cpu_compile_decodes_as_eager(ckpt, mode):
     """prepare_for_cpu(compile=True), as generate.py --compile does: the compiled decode
     step's logits equal eager's (the unprepared model) at every step, and the state_dict
     is unchanged."""
-    from minidolly.generate import KVCache, compiled_decode_step, decode_step
+    from minidolly.generate import KVCache, choose_kv_dtype, compiled_decode_step, decode_step
 
     eager = load_model(ckpt, quantize=mode)
     model = Q.prepare_for_cpu(load_model(ckpt, quantize=mode), compile=True)
@@ -490,7 +490,9 @@ def test_prepare_for_cpu_compile_decodes_as_eager(ckpt, mode):
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in eager.state_dict().items())
     torch._dynamo.reset()
-    caches = [KVCache(m.config, 1, 16, device="cpu", dtype=torch.float32) for m in (eager, model)]
+    kv_dtype = choose_kv_dtype(model)  # quantized: fp16 keys and values, which the compiled step reads as they are
+    assert kv_dtype == (torch.float32 if mode is None else torch.float16)
+    caches = [KVCache(m.config, 1, 16, device="cpu", dtype=torch.float32, kv_dtype=kv_dtype) for m in (eager, model)]
     step = compiled_decode_step("cpu")
     with torch.inference_mode():
         for pos, token in enumerate(IDS[0].tolist()):
@@ -553,6 +555,7 @@ def test_cli_quantized_generation(cli_ckpt, mode):
     (["--quantize", "int3"], "argument --quantize: invalid choice"),
     (["--quantize", "int4", "--group-size", "256"], "group size 256 does not divide the input width 128"),
     (["--group-size", "64"], "--group-size applies to --quantize int4 only."),
+    (["--kv-cache-dtype", "int8"], "argument --kv-cache-dtype: invalid choice"),
 ])
 def test_cli_bad_quantize_flags_exit_2(cli_ckpt, args, message):
     out = run_cli("--model", cli_ckpt, *args, "Hi")
