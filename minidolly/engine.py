@@ -44,7 +44,7 @@ from typing import Callable
 import torch
 
 from .generate import (SamplingError, TextAssembler, check_sampling, checked_tokens, choose_kv_dtype, compiled_decode_step,
-                       decode_step, prefill, window_length)
+                       decode_step, prefill, suspects, window_length)
 from .model import GPTNeoX, KVCache
 from .tokenizer import Tokenizer
 
@@ -365,7 +365,7 @@ class Engine:
         if token < 0:  # checked_tokens marks NaN logits -1, infinite ones -2
             what = "NaN" if token == -1 else "infinite"
             return self._leave(request, "error", error=f"The model produced {what} logits at step "
-                                                       f"{request.generated + 1}; the weights may be corrupt.")
+                                                       f"{request.generated + 1}; {suspects(self.model, self.cache)}.")
         request.generated += 1
         if token in self.stop_ids and not request.params.ignore_eos:  # the stop token itself has no text
             return self._leave(request, "stop", self._rest(request)[0])

@@ -321,6 +321,15 @@ def generation_cache(model: GPTNeoX, batch_size: int, length: int, reuse: bool, 
     return cache
 
 
+def suspects(model: GPTNeoX, cache: KVCache) -> str:
+    """What NaN or infinite logits point to: the weights, or keys and values beyond the range of
+    an fp16 cache that the model's own dtype would not have used."""
+    if cache.k[0].dtype == torch.float16 and model.embed_in.weight.dtype != torch.float16:
+        return ("the weights may be corrupt, or its keys and values exceed the float16 KV cache's range "
+                "(kv_cache_dtype / --kv-cache-dtype float32 or bfloat16 avoids that)")
+    return "the weights may be corrupt"
+
+
 def checked_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                    generators: list[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`next_tokens` for logits (B, V), and the same tokens for the host with a row whose
@@ -388,7 +397,7 @@ def decode(model: GPTNeoX, prompts: list[list[int]], *, max_new_tokens: int, tem
             if t < 0 and not d:
                 where = f" (prompt {row})" if B > 1 else ""
                 raise NonFiniteLogitsError(f"The model produced {'NaN' if t == -1 else 'infinite'} logits at step "
-                                           f"{step + 1}{where}; the weights may be corrupt.")
+                                           f"{step + 1}{where}; {suspects(model, cache)}.")
         new_tokens += done.count(False)
         yield [None if d else t for t, d in zip(tokens, done)]
         done = [d or t in stop_ids for t, d in zip(tokens, done)]

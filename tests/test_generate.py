@@ -313,6 +313,19 @@ def test_nan_logits_are_an_error_naming_the_step(hello_ckpt, tokenizer):
         generate(broken, tokenizer, "Say hello.", max_new_tokens=8, temperature=0)
 
 
+def test_values_beyond_the_fp16_cache_name_the_flag(random_ckpt, tokenizer):
+    """A quantized model gets an fp16 cache; values beyond fp16's range there give NaN logits,
+    and the error says so and names the way out, which works."""
+    d, _, _ = random_ckpt
+    model = load_model(d, quantize="int8")
+    D = model.config.head_dim
+    with torch.no_grad():
+        model.layers[0].attention.query_key_value.bias[2 * D : 3 * D] = 1e5  # head 0's values: fp16 holds 65504
+    with pytest.raises(NonFiniteLogitsError, match="exceed the float16 KV cache's range .*--kv-cache-dtype float32"):
+        generate(model, tokenizer, "Say hello.", max_new_tokens=4, temperature=0)
+    generate(model, tokenizer, "Say hello.", max_new_tokens=4, temperature=0, kv_cache_dtype="float32")  # raises nothing
+
+
 def test_cli_refuses_nan_logits_in_one_line(hello_ckpt, tokenizer, tmp_path, capsys):
     _, model = hello_ckpt
     broken = copy.deepcopy(model)
