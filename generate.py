@@ -26,7 +26,7 @@ import sys
 import time
 import warnings
 
-from minidolly.generate import CompilerMissingError, SamplingError, check_sampling
+from minidolly.generate import KV_CACHE_DTYPES, CompilerMissingError, SamplingError, check_sampling
 from minidolly.train import UsageError
 
 KERNELS = {"auto": None, "on": True, "off": False}  # --kernels -> GPTNeoX.use_kernels
@@ -69,7 +69,7 @@ def parse_args(argv):
                         "fp16 / bf16: 16-bit weights with the activations kept in --dtype (fp16: llama.cpp f16's "
                         "numerics; bf16: less accurate, faster with --compile)")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 (default), 128 or 256")
-    p.add_argument("--kv-cache-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+    p.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default="auto",
                    help="what the KV cache stores keys and values in; auto: float16 with --quantize and float32 "
                         "activations (as llama.cpp's cache), else --dtype")
     p.add_argument("--export-gguf", metavar="PATH", default=None,
