@@ -37,6 +37,9 @@ bandwidth probe (fp32, a 256 MiB matrix) measured in the same run. Kernels
     int4 int-dot g64            q4_0's arithmetic written for inductor: the activations quantized
                                 to int8 per row, times the nibbles in int32, summed per group,
                                 scaled (torch.compile)
+    int4 ebag g64               fbgemm's 4-bit embedding bag (quantized::embedding_bag_4bit_rowwise_offsets)
+                                summing the weight's columns times the activations: a GEMV
+                                whose 64-output pieces of a column carry their own scale
     int4 dyn_quant g64          torch._dyn_quant_matmul_4bit: activations quantized to int8 per
                                 row, integer products with the nibbles (KleidiAI on Arm; a
                                 reference loop on x86)
@@ -127,6 +130,7 @@ def candidates(W: torch.Tensor, compile: bool, group_sizes: list[int]) -> dict:
         if g == 64:
             out["int4 dequant g64/bf16"] = ((nibbles, scale, zero), dequant4, BF16, nbytes)
             out.update(dyn_quant_candidate(nibbles, scale, g, nbytes))
+            out.update(embedding_bag_candidate(W, g))
             if compile:
                 compiled4 = torch.compile(dequant4, dynamic=False)
                 for act in (FP32, BF16):
@@ -168,6 +172,32 @@ def dyn_quant_candidate(nibbles: torch.Tensor, scale: torch.Tensor, group_size: 
         return {}
     mm = lambda x, w: torch.ops.aten._dyn_quant_matmul_4bit(x, w, group_size, K, N)  # noqa: E731
     return {f"int4 dyn_quant g{group_size}/f32": ((packed,), mm, FP32, nbytes)}
+
+
+def embedding_bag_candidate(W: torch.Tensor, group_size: int) -> dict:
+    """fbgemm's 4-bit embedding bag as a matrix-vector product: y = sum_k x_k W[:, k] is a bag
+    of W's columns weighted by x. The table's rows are pieces of `group_size` outputs of one
+    column, each with its own fp16 scale and offset (group-wise along the outputs, not the
+    inputs: another quantization than ours, the same 4.5 bits a weight at 64), laid out so
+    that bag n / group_size reads its K rows one after another; fbgemm's JIT-compiled AVX-512
+    loop dequantizes each row and accumulates it times its activation in fp32."""
+    N, K = W.shape
+    g = group_size
+    if N % g:
+        return {}
+    rows = W.reshape(N // g, g, K).transpose(1, 2).reshape(N // g * K, g)  # row j*K + k: W[j*g:(j+1)*g, k]
+    table = torch.ops.quantized.embedding_bag_4bit_prepack(rows.contiguous())  # (N/g * K, g/2 + 4) uint8
+    index = torch.arange(N // g * K, dtype=torch.int32)
+
+    def bag(x, table):  # x (B, K) -> (B, N): B * N/g bags of K rows each
+        B = x.shape[0]
+        weights = x.repeat_interleave(N // g, dim=0).reshape(-1)  # (B * N/g * K,): bag (b, j) weighs by x[b]
+        offsets = torch.arange(0, B * N // g * K + 1, K, dtype=torch.int32)
+        y = torch.ops.quantized.embedding_bag_4bit_rowwise_offsets(
+            table, index.repeat(B), offsets, False, 0, False, weights, None, True)
+        return y.reshape(B, N)
+
+    return {f"int4 ebag g{g}/f32": ((table,), bag, FP32, table.nbytes)}
 
 
 class Int4Template(torch.nn.Module):
