@@ -27,6 +27,8 @@ import time
 import warnings
 
 from minidolly.generate import KV_CACHE_DTYPES, CompilerMissingError, SamplingError, check_sampling
+from minidolly.gguf_export import GGUF_TYPES
+from minidolly.quantize import DEFAULT_GROUP_SIZE, GROUP_SIZES, MODES
 from minidolly.train import UsageError
 
 KERNELS = {"auto": None, "on": True, "off": False}  # --kernels -> GPTNeoX.use_kernels
@@ -64,17 +66,18 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --input-file")
     p.add_argument("--verbose", action="store_true", help="timings on stderr (with --serve: one line per request)")
     # Weight formats (minidolly/quantize.py, minidolly/gguf_export.py; docs/generation.md).
-    p.add_argument("--quantize", choices=["int8", "int4", "fp16", "bf16"], default=None,
+    p.add_argument("--quantize", choices=MODES, default=None,
                    help="weight-only quantization applied at load (a checkpoint saved quantized loads as it was); "
                         "fp16 / bf16: 16-bit weights with the activations kept in --dtype (fp16: llama.cpp f16's "
                         "numerics; bf16: less accurate, faster with --compile)")
-    p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64 (default), 128 or 256")
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=None,
+                   help=f"int4 group size (default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default="auto",
                    help="what the KV cache stores keys and values in; auto: float16 with --quantize and float32 "
                         "activations (as llama.cpp's cache), else --dtype")
     p.add_argument("--export-gguf", metavar="PATH", default=None,
                    help="write --model as a GGUF file for llama.cpp / Ollama, then exit")
-    p.add_argument("--gguf-type", choices=["f32", "f16", "q8_0", "q4_0"], default="f16",
+    p.add_argument("--gguf-type", choices=GGUF_TYPES, default="f16",
                    help="the GGUF weight type for --export-gguf")
     add_serve_flags(p)
     args = p.parse_args(argv)
@@ -177,7 +180,7 @@ def load(args):
         else:
             model = load_model(args.model, **weights)
             tokenizer = load_tokenizer(args.model)
-    except (OSError, ValueError) as e:  # missing path, offline Hub id, corrupt file, bad --group-size
+    except (OSError, ValueError) as e:  # missing path, offline Hub id, corrupt file, --group-size vs a layer
         raise UsageError(f"Cannot load --model {args.model}: {e}") from None
     prepare_for_cpu(model, compile=args.compile)  # the CPU's fastest kernels, eager or compiled (minidolly/quantize.py)
     print(f"loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)

@@ -554,6 +554,7 @@ def test_cli_quantized_generation(cli_ckpt, mode):
 @pytest.mark.parametrize("args, message", [
     (["--quantize", "int3"], "argument --quantize: invalid choice"),
     (["--quantize", "int4", "--group-size", "256"], "group size 256 does not divide the input width 128"),
+    (["--quantize", "int4", "--group-size", "48"], "argument --group-size: invalid choice: 48"),
     (["--group-size", "64"], "--group-size applies to --quantize int4 only."),
     (["--kv-cache-dtype", "int8"], "argument --kv-cache-dtype: invalid choice"),
 ])
