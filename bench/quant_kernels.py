@@ -2,6 +2,7 @@
 
     python bench/quant_kernels.py                           # 410m and 1.4b shapes, batch 1 and 4
     python bench/quant_kernels.py --sizes 160m --batches 1 --no-compile --threads 1
+    python bench/quant_kernels.py --kernels "bf16 compiled gemv" --weight-offsets 0 8 48   # where a weight starts
 
 A decode step is a chain of (B, C) x (C, N) products against every weight matrix of the
 model. For each Pythia size the script times each candidate kernel on the four block linears
@@ -259,15 +260,28 @@ def torchao_candidates(W) -> dict:
     return found
 
 
-def copies(weights: tuple, nbytes: int, pool_bytes: int) -> list[tuple]:
-    """Enough copies of `weights` to fill `pool_bytes` (at least two)."""
+def copies(weights: tuple, nbytes: int, pool_bytes: int, offset: int | None = None) -> list[tuple]:
+    """Enough copies of `weights` to fill `pool_bytes` (at least two); with an offset, each
+    tensor placed `offset` bytes past a 64-byte boundary (see clone)."""
     n = max(2, -(-pool_bytes // nbytes))
-    return [weights] + [tuple(clone(w) for w in weights) for _ in range(n - 1)]
+    first = weights if offset is None else tuple(clone(w, offset) for w in weights)
+    return [first] + [tuple(clone(w, offset) for w in weights) for _ in range(n - 1)]
 
 
-def clone(w):
-    """A copy of a weight tensor or module."""
-    return copy.deepcopy(w) if isinstance(w, torch.nn.Module) else w.clone()
+def clone(w, offset: int | None = None):
+    """A copy of a weight tensor or module. With an offset, a plain contiguous tensor is copied
+    into a buffer of its own, `offset` bytes past the buffer's start (which torch aligns to 64
+    bytes), as a tensor read from a safetensors file starts wherever the file's header ended."""
+    if isinstance(w, torch.nn.Module):
+        return copy.deepcopy(w)
+    if offset is None or w.layout != torch.strided or not w.is_contiguous() or offset % w.element_size():
+        return w.clone()
+    e = w.element_size()
+    buffer = torch.empty(w.numel() + (offset + 64) // e, dtype=w.dtype)
+    start = (-(buffer.data_ptr() % 64) % 64 + offset) // e
+    placed = buffer[start : start + w.numel()].view(w.shape)
+    placed.copy_(w)
+    return placed
 
 
 def time_all(calls: dict[str, list], repeats: int) -> dict[str, float]:
@@ -300,9 +314,14 @@ def main():
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (each compiles per shape)")
     p.add_argument("--kernels", nargs="+", default=None, help="only the kernels whose names contain one of these")
+    p.add_argument("--weight-offsets", nargs="+", type=int, default=None,
+                   help="time each kernel with its weights copied this many bytes past a 64-byte boundary, "
+                        "one row per offset (\"@8\" in the name)")
     p.add_argument("--pool-mib", type=int, default=128,
                    help="each kernel cycles through copies of its weight filling this much memory (> the L3 cache)")
     args = p.parse_args()
+    if args.weight_offsets and min(args.weight_offsets) < 0:
+        p.error("--weight-offsets are bytes past a boundary: 0 or more")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -321,23 +340,25 @@ def main():
             if args.kernels:  # fp32 stays: it is the baseline of the ratio
                 fns = {k: v for k, v in fns.items() if k == "fp32 linear" or any(f in k for f in args.kernels)}
             reps = 1 if name == "embed_out" else layers
-            pools = {k: copies(w, nbytes, args.pool_mib * 2**20) for k, (w, _, _, nbytes) in fns.items()}
-            for k, (_, _, _, nbytes) in fns.items():
-                weight_bytes[k] = weight_bytes.get(k, 0) + reps * nbytes
+            offsets = args.weight_offsets or [None]
+            named = {(k if o is None else f"{k} @{o}"): (k, o) for k in fns for o in offsets}
+            pools = {n: copies(fns[k][0], fns[k][3], args.pool_mib * 2**20, o) for n, (k, o) in named.items()}
+            for n, (k, _) in named.items():
+                weight_bytes[n] = weight_bytes.get(n, 0) + reps * fns[k][3]
             for B in args.batches:
                 x = torch.randn(B, K)
-                calls = {k: [lambda w=w, f=f, x=x.to(act): f(x, *w) for w in pools[k]]
-                         for k, (_, f, act, _) in fns.items()}
+                calls = {n: [lambda w=w, f=fns[k][1], x=x.to(fns[k][2]): f(x, *w) for w in pools[n]]
+                         for n, (k, _) in named.items()}
                 for k, t in time_all(calls, args.repeats).items():
                     total[B][k] = total[B].get(k, 0.0) + reps * t
             del fns, pools
         for B in args.batches:
-            base = total[B]["fp32 linear"]
+            base = total[B]["fp32 linear" if args.weight_offsets is None else f"fp32 linear @{args.weight_offsets[0]}"]
             print(f"\npythia-{size}, batch {B}: matmul time of one decode step ({layers} layers x 4 linears + embed_out)")
-            print(f"{'kernel':<24}{'ms/step':>9}{'tok/s':>8}{'GB/s':>7}{'of mv':>7}{'vs fp32':>9}")
+            print(f"{'kernel':<28}{'ms/step':>9}{'tok/s':>8}{'GB/s':>7}{'of mv':>7}{'vs fp32':>9}")
             for k in sorted(total[B], key=total[B].get):
                 gbs = weight_bytes[k] / total[B][k] / 1e9
-                print(f"{k:<24}{total[B][k] * 1e3:>9.2f}{B / total[B][k]:>8.1f}{gbs:>7.1f}{gbs / bw:>7.0%}"
+                print(f"{k:<28}{total[B][k] * 1e3:>9.2f}{B / total[B][k]:>8.1f}{gbs:>7.1f}{gbs / bw:>7.0%}"
                       f"{base / total[B][k]:>8.2f}x")
         print(f"torch.mv probe again: {mv_bandwidth(args.repeats):.1f} GB/s", flush=True)
 
