@@ -274,9 +274,11 @@ def clone(w, offset: int | None = None):
     bytes), as a tensor read from a safetensors file starts wherever the file's header ended."""
     if isinstance(w, torch.nn.Module):
         return copy.deepcopy(w)
-    if offset is None or w.layout != torch.strided or not w.is_contiguous() or offset % w.element_size():
+    if offset is None or w.layout != torch.strided or not w.is_contiguous():  # oneDNN's packed weights among them
         return w.clone()
     e = w.element_size()
+    if offset % e:
+        raise ValueError(f"a {w.dtype} weight cannot start {offset} bytes past a boundary")
     buffer = torch.empty(w.numel() + (offset + 64) // e, dtype=w.dtype)
     start = (-(buffer.data_ptr() % 64) % 64 + offset) // e
     placed = buffer[start : start + w.numel()].view(w.shape)
@@ -315,13 +317,14 @@ def main():
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (each compiles per shape)")
     p.add_argument("--kernels", nargs="+", default=None, help="only the kernels whose names contain one of these")
     p.add_argument("--weight-offsets", nargs="+", type=int, default=None,
-                   help="time each kernel with its weights copied this many bytes past a 64-byte boundary, "
-                        "one row per offset (\"@8\" in the name)")
+                   help="time each kernel with its weight tensors copied this many bytes (a multiple of 4) past "
+                        "a 64-byte boundary, one row per offset (\"@8\" in the name); modules and oneDNN's "
+                        "packed weights stay where torch puts them")
     p.add_argument("--pool-mib", type=int, default=128,
                    help="each kernel cycles through copies of its weight filling this much memory (> the L3 cache)")
     args = p.parse_args()
-    if args.weight_offsets and min(args.weight_offsets) < 0:
-        p.error("--weight-offsets are bytes past a boundary: 0 or more")
+    if args.weight_offsets and any(o < 0 or o % 4 for o in args.weight_offsets):
+        p.error("--weight-offsets are bytes past a boundary: multiples of 4, 0 or more")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
