@@ -12,7 +12,10 @@
 #
 # Send back OUT_DIR (default $OUT, else ./gpu-run-<date>): summary.txt (the table, the
 # figures, the device) and log.txt (everything), one <step>.log per step.
-# Env: PYTHON (default python), BUDGET_S, FORCE=1 (run the steps even without a CUDA GPU).
+# Env: PYTHON (default python), BUDGET_S, FORCE=1 (run the steps even without a CUDA GPU),
+#      STEPS="cuda_tests bench_kernels ..." (run only these steps; default all), WORKERS (the
+#      cuda tests' pytest-xdist processes when xdist is installed; default 4: compiling, not the
+#      GPU, bounds them).
 set -u
 PY=${PYTHON:-python}
 [ -d minidolly ] && [ -d kernels ] && [ -d bench ] || { echo "bench/gpu.sh: run me from the minidolly repository root" >&2; exit 2; }
@@ -32,6 +35,9 @@ say() { echo "$*" | tee -a "$LOG"; }
 
 step() {  # step NAME TIMEOUT_S CMD...: run with a timeout, log to $OUT_DIR/NAME.log and log.txt
   local name=$1 limit=$2; shift 2
+  if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then
+    return
+  fi
   if [ -n "${DRY_RUN:-}" ]; then
     say "step $name (timeout ${limit}s): $*"
     RESULTS+=("DRY   $name")
@@ -86,7 +92,12 @@ EOF
 fi
 
 # ---------------------------------------------------------------- 1. correctness on the GPU
-step cuda_tests 200 "$PY" -m pytest -q -m cuda -rfs tests
+# One line per test (-v), so a run stopped at its limit still says which passed; a test module
+# whose optional peer is missing (openai, gguf) costs its own tests, not the run's.
+PARALLEL=()
+"$PY" -c "import xdist" 2>/dev/null && PARALLEL=(-n "${WORKERS:-4}")
+step cuda_tests 240 "$PY" -m pytest -m cuda -v -rfEs --continue-on-collection-errors -p no:cacheprovider \
+  "${PARALLEL[@]}" tests
 
 # ---------------------------------------------------------------- 2. speed, each against its peer
 step bench_kernels 120 "$PY" bench/kernels.py --device cuda --quick

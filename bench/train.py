@@ -67,7 +67,8 @@ from minidolly.parallel import apply_compile, apply_fsdp, init_distributed, need
 from minidolly.tokenizer import load_tokenizer  # noqa: E402
 from minidolly.train import TrainConfig, build_optimizer, loss_sum  # noqa: E402
 
-SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
+SHARED = os.environ.get("MINIDOLLY_SHARED_DATA",  # as tests/conftest.py: ../shared/data unless told
+                        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data"))
 
 
 def synced(step, device: torch.device):

@@ -565,5 +565,5 @@ def test_gpu_command_lists_its_steps(tmp_path):
     assert run.returncode == 0, run.stderr
     for name in ("cuda_tests", "bench_kernels", "bench_train_1.4b", "bench_generate_2.8b"):
         assert f"step {name} (timeout" in run.stdout, name
-    assert "--device cuda" in run.stdout and "pytest -q -m cuda" in run.stdout
+    assert "--device cuda" in run.stdout and "pytest -m cuda" in run.stdout
     assert (tmp_path / "out" / "summary.txt").read_text().count("DRY ") == 4
