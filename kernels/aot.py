@@ -3,6 +3,7 @@ report what ptxas gave each configuration: registers per thread, spilled bytes, 
 
     python -m kernels.aot                    # every architecture in kernels/tiles.py, a table
     python -m kernels.aot --arch 80 90 --full --json
+    python -m kernels.aot --arch 90 --floats fp64   # float arguments as torch.compile passes them
 
 How, with no GPU in sight:
 1. The real launchers (attention._forward/_backward, layernorm._forward/_backward) run on
@@ -140,8 +141,12 @@ def _resources(cubin):
     return int(reg), int(stack) + int(local)
 
 
-def compile_arch(arch, full=False):
-    """Every configuration the launchers use on `arch`, compiled: a list of dicts."""
+def compile_arch(arch, full=False, floats="fp32"):
+    """Every configuration the launchers use on `arch`, compiled: a list of dicts.
+
+    `floats` types the float arguments (the softmax scale, LayerNorm's eps): "fp32" as
+    Triton's own launcher passes a Python float, "fp64" as torch.compile's generated code
+    passes it when a compiled model calls our kernels."""
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
     rows, seen = [], set()
     for case, launch in cases(arch, full):
@@ -155,7 +160,8 @@ def compile_arch(arch, full=False):
             if key in seen:  # e.g. the delta kernel is the same for causal and not
                 continue
             seen.add(key)
-            src = ASTSource(fn, spec["signature"], spec["constants"], spec["configs"][0])
+            signature = {k: floats if t == "fp32" else t for k, t in spec["signature"].items()}  # "*fp32" stays
+            src = ASTSource(fn, signature, spec["constants"], spec["configs"][0])
             start = time.perf_counter()
             compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                       options=dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"]))
@@ -174,13 +180,16 @@ def main(argv=None):
     p.add_argument("--arch", type=int, nargs="+", default=list(tiles.ARCHS), help="compute capabilities, e.g. 80 90")
     p.add_argument("--full", action="store_true", help="also fp16 and non-causal at every head dim")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    p.add_argument("--floats", choices=["fp32", "fp64"], default="fp32",
+                   help="float arguments typed as Triton's launcher passes them (fp32) or torch.compile does (fp64)")
     p.add_argument("--jobs", type=int, default=min(len(os.sched_getaffinity(0)), 4), help="architectures compiled at once")
     args = p.parse_args(argv)
     unknown = [a for a in args.arch if a not in tiles.ARCHS]
     if unknown:
         p.error(f"--arch {unknown[0]}: kernels/tiles.py has tables for {', '.join(map(str, tiles.ARCHS))}")
     with ProcessPoolExecutor(max(1, min(args.jobs, len(args.arch)))) as pool:
-        rows = [r for part in pool.map(compile_arch, args.arch, [args.full] * len(args.arch)) for r in part]
+        rows = [r for part in pool.map(compile_arch, args.arch, [args.full] * len(args.arch),
+                                                             [args.floats] * len(args.arch)) for r in part]
     if args.json:
         print(json.dumps(rows))
         return

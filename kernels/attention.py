@@ -163,6 +163,14 @@ def _store_tile(base, rows, stride_row, n_rows, value, HEAD_DIM: tl.constexpr, B
 
 
 @triton.jit
+def _as_fp32(x):
+    """A float argument as fp32. Triton's own launcher passes a Python float as fp32, but
+    torch.compile, launching our kernels from its generated code, passes it as fp64: one fp64
+    factor would make every score fp64, and tl.dot then refuses the fp32 accumulator."""
+    return tl.cast(x, tl.float32)
+
+
+@triton.jit
 def _dot(a, b, acc, DOT_FP32: tl.constexpr):
     """acc + a @ b with an fp32 result.
 
@@ -193,6 +201,7 @@ def _attn_fwd(
     CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     _check_tiles(HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, BLOCK_M, BLOCK_N)
+    qk_scale = _as_fp32(qk_scale)
     bh, start_m = _program(T, BLOCK_M, True)
     Q += _bh_offset(bh, H, stride_qb, stride_qh)
     K += _bh_offset(bh, H, stride_kb, stride_kh)
@@ -276,6 +285,7 @@ def _attn_bwd_dkdv(
     # Works on the transposed problem (keys on rows) so that dK and dV come out with keys on
     # rows too: S^T = K Q^T, dV += P^T dO, dS^T = P^T * (V dO^T - delta), dK += dS^T Q.
     _check_tiles(HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, BLOCK_N, BLOCK_M)
+    qk_scale, scale = _as_fp32(qk_scale), _as_fp32(scale)
     bh, start_n = _program(T, BLOCK_N, False)  # the first key tiles see the most queries: longest first already
     Q += _bh_offset(bh, H, stride_qb, stride_qh)
     K += _bh_offset(bh, H, stride_kb, stride_kh)
@@ -341,6 +351,7 @@ def _attn_bwd_dq(
 ):
     # dQ += dS K over the keys this query tile sees, walked as the forward walks them.
     _check_tiles(HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, BLOCK_M, BLOCK_N)
+    qk_scale, scale = _as_fp32(qk_scale), _as_fp32(scale)
     bh, start_m = _program(T, BLOCK_M, True)
     Q += _bh_offset(bh, H, stride_qb, stride_qh)
     K += _bh_offset(bh, H, stride_kb, stride_kh)

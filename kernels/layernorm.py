@@ -46,7 +46,7 @@ def _layer_norm_fwd(
     mean = tl.sum(x, axis=0) / N
     xc = tl.where(mask, x - mean, 0.0)
     var = tl.sum(xc * xc, axis=0) / N
-    rstd = tl.rsqrt(var + eps)
+    rstd = tl.rsqrt(var + tl.cast(eps, tl.float32))  # fp32 even where torch.compile passes eps as fp64
 
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
