@@ -25,7 +25,7 @@ import torch
 
 from kernels import tiles
 
-__all__ = ["available", "unavailable_reason", "layer_norm", "flash_attention", "FallbackWarning"]
+__all__ = ["available", "unavailable_reason", "slower_reason", "layer_norm", "flash_attention", "FallbackWarning"]
 _KERNELS = {"flash_attention": "kernels.attention", "layer_norm": "kernels.layernorm"}
 
 
@@ -78,19 +78,32 @@ _warned = set()
 _decided = {}  # (device, head_dim, dtype) -> the last eager answer, for torch.compile
 
 
-def available(device=None, head_dim=None, dtype=None, warn=False):
+def slower_reason(device, head_dim, dtype):
+    """Why torch's ops are measured faster than the kernels on `device` for head_dim and dtype
+    (kernels/tiles.py SLOWER), or None."""
+    device = torch.device(device)
+    if device.type != "cuda" or head_dim is None:
+        return None
+    return tiles.slower_on_arch(tiles.arch_of(device), head_dim, dtype)
+
+
+def available(device=None, head_dim=None, dtype=None, warn=False, only_if_faster=False):
     """True when the kernels can run on `device` (for `head_dim` and `dtype`, when given).
 
-    With `warn`, a False comes with a one-line FallbackWarning naming the reason, issued
-    once per distinct reason in the process: the caller is about to use torch's ops instead.
+    With `only_if_faster` (the default switch's question), also False where torch's ops were
+    measured faster there (`slower_reason`). With `warn`, a False comes with a one-line
+    FallbackWarning naming the reason, issued once per distinct reason in the process: the
+    caller is about to use torch's ops instead.
     Under torch.compile it answers as the last eager call with the same arguments did (False
     if none did) rather than have Dynamo trace device queries and a warning, which would
     break a fullgraph compile.
     """
-    key = (str(device), head_dim, dtype)
+    key = (str(device), head_dim, dtype, only_if_faster)
     if torch.compiler.is_compiling():
         return _decided.get(key, False)
     reason = unavailable_reason(device, head_dim, dtype)
+    if reason is None and only_if_faster:
+        reason = slower_reason(device, head_dim, dtype)
     if reason is not None and warn and reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"minidolly's Triton kernels are off: {reason}; using torch's SDPA and F.layer_norm.",

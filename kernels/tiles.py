@@ -101,6 +101,23 @@ _ATTENTION = {
 _ATTENTION[89] = _ATTENTION[86]  # same shared memory and instructions for these kernels
 
 
+# (arch, BLOCK_D) -> where torch's own ops measured faster than these tiles in fp16/bf16 on that
+# architecture (bench/kernels.py on a real GPU). The default switch (use_kernels=None, `--kernels
+# auto`) runs torch's ops there; `--kernels on` still runs ours. Attention and LayerNorm go
+# together, and at head_dim 256 (pythia-1b, 2048 wide) the LayerNorm backward was slower too.
+SLOWER = {
+    (90, 256): "on an H200, SDPA's flash backend ran attention at head_dim 256 2.0-2.4x faster "
+               "(bench/kernels.py, 2026-11-30)",
+}
+
+
+def slower_on_arch(arch, head_dim, dtype):
+    """Why torch's ops are faster than the kernels on `arch` for head_dim and dtype, or None."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return None  # fp32 takes SDPA by default anyway; its kernels are the exact reference
+    return SLOWER.get((arch, block_d(head_dim)))
+
+
 def interpreting():
     """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET") == "1"

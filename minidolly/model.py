@@ -267,7 +267,8 @@ class GPTNeoX(nn.Module):
     `use_kernels`: True runs LayerNorm and causal attention through our Triton kernels
     (kernels/), in any dtype (fp32 kernels are the exact reference); False through torch
     (F.layer_norm, SDPA); None (default) uses the kernels on CUDA for fp16/bf16 compute only,
-    where they compete with SDPA's (fp32 goes to SDPA). Where the kernels cannot run (no
+    where they compete with SDPA's (fp32 goes to SDPA), except where torch's ops were measured
+    faster on that GPU (kernels/tiles.py SLOWER: head_dim 256 on an H200). Where the kernels cannot run (no
     triton, a GPU without tiles for this head dim: see kernels.available), the model uses
     torch's ops and warns once. It is the one switch; change it as an attribute any time.
     """
@@ -318,7 +319,7 @@ class GPTNeoX(nn.Module):
         dtype = torch.get_autocast_dtype(device) if autocast else self.embed_in.weight.dtype
         if self.use_kernels is None and dtype not in (torch.float16, torch.bfloat16):
             return False
-        return kernels.available(x.device, self.config.head_dim, dtype, warn=True)
+        return kernels.available(x.device, self.config.head_dim, dtype, warn=True, only_if_faster=self.use_kernels is None)
 
     def forward(self, input_ids, positions=None, cache: KVCache | None = None, keep: torch.Tensor | None = None):
         """Logits for every position of `input_ids`, or only for those in `keep`.

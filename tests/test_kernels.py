@@ -402,6 +402,25 @@ def test_default_switch_uses_kernels_on_cuda_for_fp16_and_bf16_only(fake_gpu):
     assert _tiny(torch.bfloat16, use_kernels=False)._fused(cuda_input) is False
 
 
+def test_default_switch_leaves_the_kernels_where_torch_was_measured_faster(fake_gpu):
+    """An H200 ran SDPA's flash backend 2x faster than our head_dim 256 tiles (pythia-1b):
+    there the default switch picks torch's ops, with the measurement as its one-line note,
+    and an explicit use_kernels=True (`--kernels on`) still runs ours."""
+    fake_gpu("H100")
+    config = ModelConfig(vocab_size=64, hidden_size=512, num_layers=1, num_heads=2, intermediate_size=256,
+                         max_position_embeddings=32)  # head_dim 256
+    model = GPTNeoX(config).to(torch.bfloat16)
+    with pytest.warns(kernels.FallbackWarning, match="head_dim 256 2.0-2.4x faster"):
+        assert model._fused(_fake_cuda_input()) is False
+    model.use_kernels = True
+    assert model._fused(_fake_cuda_input()) is True
+    assert kernels.unavailable_reason(torch.device("cuda", 0), 256, torch.bfloat16) is None  # they can run
+    assert _tiny(torch.bfloat16)._fused(_fake_cuda_input()) is True  # head_dim 128: ours are faster
+    fake_gpu("A100")  # not measured on sm_80: the kernels stay the default there
+    model.use_kernels = None
+    assert model._fused(_fake_cuda_input()) is True
+
+
 def test_kernels_requested_where_they_cannot_run_fall_back(monkeypatch):
     monkeypatch.setattr(kernels, "_warned", set())
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # a plain CPU: neither GPU nor interpreter
