@@ -564,6 +564,9 @@ def main():
                     if r["engine"] == "llama.cpp" and "error" not in res:
                         res["weight_bytes"] = gguf_weight_bytes(files[r["width"]])
                     results[row_name(r)].append(res)
+                    # each row's figure as it comes, so a run stopped at its time limit keeps what it measured
+                    print(f"    {row_name(r)}: " + (f"{1 / median(res['steps']):.1f} tok/s, prefill {res['prefill_s'] * 1e3:.0f} ms"
+                                                  if "error" not in res else f"failed: {res['error'][:200]}"), flush=True)
                     probe.measure()
                 print(f"  repeat {repeat + 1}/{args.repeats} done at {time.perf_counter() - started:.0f} s; "
                       f"load average {os.getloadavg()[0]:.2f}", flush=True)

@@ -7,7 +7,11 @@
 # Steps: the `cuda` tests (pytest -m cuda), then every benchmark with --device cuda
 # (bench/kernels.py, bench/train.py at pythia-1.4b in bf16, bench/generate.py at 2.8b in bf16
 # with the compiled decode). Each has its own timeout and the run goes on after a failure;
-# the whole run stays within BUDGET_S (default 470 s: under 8 minutes on one H100).
+# the whole run stays within BUDGET_S (default 780 s). On an H200 (2026-11-30): the cuda tests
+# 75 s with 4 workers while the compiled training tests still failed fast (they compile for
+# longer than that now), bench/kernels.py 42 s, bench/generate.py 28 s for the checkpoint and
+# 73 s a repeat, bench/train.py past 140 s (it compiles a 1.4b model). Where one call may
+# last 10 minutes, run it as two: STEPS=cuda_tests, then the three bench steps.
 # It ends with a PASS/FAIL/SKIP table and the speed figures against the issue's targets.
 #
 # Send back OUT_DIR (default $OUT, else ./gpu-run-<date>): summary.txt (the table, the
@@ -27,7 +31,7 @@ SUMMARY="$OUT_DIR/summary.txt"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 unset TRITON_INTERPRET  # compiled kernels, not the CPU interpreter
 START=$(date +%s)
-DEADLINE=$((START + ${BUDGET_S:-470}))
+DEADLINE=$((START + ${BUDGET_S:-780}))
 RESULTS=()
 HAVE_GPU=1
 
@@ -49,7 +53,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run with a timeout, log to $OUT_DIR/NAME
   fi
   local left=$((DEADLINE - $(date +%s)))
   if ((left < 20)); then
-    RESULTS+=("SKIP  $name (the ${BUDGET_S:-470}s budget is spent)")
+    RESULTS+=("SKIP  $name (the ${BUDGET_S:-780}s budget is spent)")
     return
   fi
   ((limit > left)) && limit=$left
@@ -96,17 +100,17 @@ fi
 # whose optional peer is missing (openai, gguf) costs its own tests, not the run's.
 PARALLEL=()
 "$PY" -c "import xdist" 2>/dev/null && PARALLEL=(-n "${WORKERS:-4}")
-step cuda_tests 240 "$PY" -m pytest -m cuda -v -rfEs --continue-on-collection-errors -p no:cacheprovider \
+step cuda_tests 300 "$PY" -m pytest -m cuda -v -rfEs --continue-on-collection-errors -p no:cacheprovider \
   "${PARALLEL[@]}" tests
 
 # ---------------------------------------------------------------- 2. speed, each against its peer
-step bench_kernels 120 "$PY" bench/kernels.py --device cuda --quick
+step bench_kernels 90 "$PY" bench/kernels.py --device cuda --quick
 # Three 1.4b models with fp32 AdamW state (ours, transformers', ours compiled) share the GPU:
 # ~67 GiB before activations, so batch 1 and an allocator that does not fragment.
-step bench_train_1.4b 130 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "$PY" bench/train.py --device cuda --precision bf16 --sizes 1.4b --batch 1 --seq 2048 \
+step bench_train_1.4b 240 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "$PY" bench/train.py --device cuda --precision bf16 --sizes 1.4b --batch 1 --seq 2048 \
   --dolly-batches 3 --steps 3
 # The static decode step compiled with CUDA graphs (its row "compiled") against eager and transformers
-step bench_generate_2.8b 110 "$PY" bench/generate.py --device cuda --sizes 2.8b --dtypes bfloat16 --repeats 2
+step bench_generate_2.8b 200 "$PY" bench/generate.py --device cuda --sizes 2.8b --dtypes bfloat16 --repeats 2
 
 # ---------------------------------------------------------------- summary
 {
