@@ -45,7 +45,6 @@ torch's flop formulas), the ratio the two would reach if every FLOP ran at the s
 """
 
 import argparse
-import itertools
 import json
 import os
 import random
@@ -81,6 +80,26 @@ def synced(step, device: torch.device):
         torch.cuda.synchronize(device)
 
     return run
+
+
+class Feed:
+    """The micro-batches a step cycles through, in order; `bench` points every model's feed at
+    the next workload's batches, so each model is built (and compiled) once per size."""
+
+    def __init__(self, batches: list[dict]):
+        self.use(batches)
+
+    def use(self, batches: list[dict]):
+        self.batches, self.next = batches, 0
+
+    def __next__(self) -> dict:
+        micro = self.batches[self.next % len(self.batches)]
+        self.next += 1
+        return micro
+
+    @staticmethod
+    def of(batches) -> "Feed":
+        return batches if isinstance(batches, Feed) else Feed(batches)
 
 
 def matmul(device: torch.device, dtype: torch.dtype, n: int = 2048):
@@ -126,7 +145,8 @@ def loop_step(config: ModelConfig, state: dict, batches: list[dict], compile: bo
     """The training loop's step on a model built as the loop builds it (LoRA adapters with
     `lora_rank`, the frozen base in bf16 under bf16 compute; torch.compile'd layers with
     --compile; FSDP when `needs_fsdp`), cycling through `batches`."""
-    model = GPTNeoX(config).to(device)
+    with torch.device(device):  # initialised where it runs: a 1.4b init on the host takes longer than its steps
+        model = GPTNeoX(config)
     model.load_state_dict(state)
     if lora_rank:
         if bf16:
@@ -138,7 +158,7 @@ def loop_step(config: ModelConfig, state: dict, batches: list[dict], compile: bo
     if needs_fsdp(torch.distributed.get_world_size(), param_dtype, False):
         apply_fsdp(model, param_dtype=param_dtype)
     opt, _ = build_optimizer(model, TrainConfig(lr=1e-5, warmup_steps=0), total_steps=100)  # the loop's own
-    data = itertools.cycle(batches)
+    data = Feed.of(batches)
 
     def step():
         micro = next(data)
@@ -159,7 +179,8 @@ def hf_step(config: ModelConfig, state: dict, batches: list[dict], device, bf16:
     target as ours), AdamW over the adapters."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    hf = GPTNeoXForCausalLM(GPTNeoXConfig(**config.to_hf())).train().to(device)
+    with torch.device(device):
+        hf = GPTNeoXForCausalLM(GPTNeoXConfig(**config.to_hf())).train()
     head = "lm_head.weight" if "lm_head.weight" in hf.state_dict() else "embed_out.weight"  # transformers 5 renamed it
     hf.load_state_dict({(head if k == "embed_out.weight" else "gpt_neox." + k): v for k, v in state.items()})
     if lora_rank:
@@ -169,7 +190,7 @@ def hf_step(config: ModelConfig, state: dict, batches: list[dict], device, bf16:
                                            target_modules=["query_key_value"], task_type="CAUSAL_LM"))
     # the HF Trainer's default, adamw_torch_fused, over what trains
     opt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-5, fused=True)
-    data = itertools.cycle(batches)
+    data = Feed.of(batches)
 
     def step():
         micro = next(data)
@@ -257,27 +278,37 @@ def bench_lora(size: str, batches: list[dict], device: torch.device, bf16: bool,
     return {"tokens": batches[0]["input_ids"].numel(), **t, "memory": memory}
 
 
-def bench(size: str, batches: list[dict], steps: int, device: torch.device, bf16: bool) -> dict:
-    """Mean seconds of a step of each, all cycling through `batches` in the same order."""
+def bench(size: str, workloads: dict, device: torch.device, bf16: bool):
+    """For each workload (name: (batches, steps)), in turn: mean seconds of a step of each
+    model, all cycling through the workload's batches in the same order. The models are built
+    once (on the device: a 1.4b model's init on the host costs more than its steps) and their
+    feeds moved from one workload to the next; yields (name, result)."""
     config = ModelConfig.from_size(size)
-    batch, seq = batches[0]["input_ids"].shape
     torch.manual_seed(0)
-    state = GPTNeoX(config).state_dict()
+    with torch.device(device):
+        state = GPTNeoX(config).state_dict()
+    first = next(iter(workloads.values()))[0]
     n = 2048
-    runs = {"ours": loop_step(config, state, batches, False, device, bf16),
-            "hf": hf_step(config, state, batches, device, bf16),
+    feeds = {name: Feed(first) for name in ("ours", "hf", "compiled")}
+    runs = {"ours": loop_step(config, state, feeds["ours"], False, device, bf16),
+            "hf": hf_step(config, state, feeds["hf"], device, bf16),
             "matmul": matmul(device, torch.bfloat16 if bf16 else torch.float32, n)}
     if not (bf16 and device.type == "cpu"):  # torch 2.13's inductor cannot compile that backward
-        runs["compiled"] = loop_step(config, state, batches, True, device, bf16)
-    t = {"compiled": float("nan"), **time_interleaved(runs, steps)}
-    C, V = config.hidden_size, config.vocab_size
-    n_layers = config.num_params() - 2 * V * C - 2 * C  # all but the embeddings and the final LayerNorm
-    tokens = batch * seq
-    targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches) / len(batches)
-    after_attention = C * C + 2 * C * config.intermediate_size  # dense, MLP up and down
-    flops = (6 * n_layers * tokens - 6 * after_attention * (tokens - targets) + 6 * V * C * targets
-             + 12 * config.num_layers * seq * C * tokens)
-    return {"tokens": tokens, "targets": targets, **t, "flops": flops, "peak": 2 * n**3 / t["matmul"]}
+        runs["compiled"] = loop_step(config, state, feeds["compiled"], True, device, bf16)
+    del state
+    for name, (batches, steps) in workloads.items():
+        for feed in feeds.values():
+            feed.use(batches)
+        t = {"compiled": float("nan"), **time_interleaved(runs, steps)}
+        C, V = config.hidden_size, config.vocab_size
+        n_layers = config.num_params() - 2 * V * C - 2 * C  # all but the embeddings and the final LayerNorm
+        batch, seq = batches[0]["input_ids"].shape
+        tokens = batch * seq
+        targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches) / len(batches)
+        after_attention = C * C + 2 * C * config.intermediate_size  # dense, MLP up and down
+        flops = (6 * n_layers * tokens - 6 * after_attention * (tokens - targets) + 6 * V * C * targets
+                 + 12 * config.num_layers * seq * C * tokens)
+        yield name, {"tokens": tokens, "targets": targets, **t, "flops": flops, "peak": 2 * n**3 / t["matmul"]}
 
 
 def main():
@@ -314,8 +345,8 @@ def main():
     print(f"{'shape':<8}{'workload':<12}{'targets':>8}{'minidolly':>11}{'--compile':>11}{'transformers':>14}{'ratio':>8}"
           f"{'ratio --compile':>17}{'matmul GFLOP/s':>16}{'MFU ours':>10}{'MFU hf':>8}")
     for size in args.sizes:
-        for name, data in workloads.items():
-            r = bench(size, data, len(data) if name == "dolly" else args.steps, device, bf16)
+        for name, r in bench(size, {name: (data, len(data) if name == "dolly" else args.steps)
+                                    for name, data in workloads.items()}, device, bf16):
             ours, compiled, hf = (r["tokens"] / r[k] for k in ("ours", "compiled", "hf"))
             print(f"{size:<8}{name:<12}{r['targets'] / r['tokens']:>8.0%}{ours:>11,.0f}{compiled:>11,.0f}{hf:>14,.0f}"
                   f"{ours / hf:>7.2f}x{compiled / hf:>16.2f}x{r['peak'] / 1e9:>16.1f}"
