@@ -62,10 +62,13 @@ def init_distributed(timeout_minutes: float = 30, cpu_offload: bool = False) -> 
     if not dist.is_initialized():
         backend = ("cuda:nccl,cpu:gloo" if cpu_offload else "nccl") if cuda else "gloo"
         timeout = datetime.timedelta(minutes=timeout_minutes)
+        # device_id binds the group to this rank's GPU (without it every barrier warns that it guesses)
+        device_id = device if cuda else None
         if "RANK" in os.environ:
-            dist.init_process_group(backend, timeout=timeout, device_id=device if cuda else None)
+            dist.init_process_group(backend, timeout=timeout, device_id=device_id)
         else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
+                                    device_id=device_id)
     return Distributed(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
