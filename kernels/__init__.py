@@ -75,7 +75,7 @@ def unavailable_reason(device=None, head_dim=None, dtype=None):
 
 
 _warned = set()
-_decided = {}  # (device, head_dim, dtype) -> the last eager answer, for torch.compile
+_decided = {}  # (device, head_dim, dtype, only_if_faster) -> the last eager answer, for torch.compile
 
 
 def slower_reason(device, head_dim, dtype):

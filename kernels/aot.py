@@ -187,9 +187,9 @@ def main(argv=None):
     unknown = [a for a in args.arch if a not in tiles.ARCHS]
     if unknown:
         p.error(f"--arch {unknown[0]}: kernels/tiles.py has tables for {', '.join(map(str, tiles.ARCHS))}")
-    with ProcessPoolExecutor(max(1, min(args.jobs, len(args.arch)))) as pool:
-        rows = [r for part in pool.map(compile_arch, args.arch, [args.full] * len(args.arch),
-                                                             [args.floats] * len(args.arch)) for r in part]
+    n = len(args.arch)
+    with ProcessPoolExecutor(max(1, min(args.jobs, n))) as pool:
+        rows = [r for part in pool.map(compile_arch, args.arch, [args.full] * n, [args.floats] * n) for r in part]
     if args.json:
         print(json.dumps(rows))
         return
